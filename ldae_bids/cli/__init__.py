@@ -1,0 +1,1 @@
+"""Command-line interfaces: ``ldae-bids`` (the BIDS App) and ``ldae-bids-tools``."""

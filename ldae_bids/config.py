@@ -1,0 +1,177 @@
+"""One settings object per run: built once by the CLI, frozen, passed explicitly.
+
+It is saved to ``<output>/logs/config-<run id>.toml`` so that the run can be repeated
+with ``ldae-bids --config-file logs/config-<run id>.toml`` (style.md #1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import uuid
+from dataclasses import dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ldae_bids.errors import UsageError
+
+LEVELS = ("participant", "group")
+T1W_POLICIES = ("first", "all")
+
+
+def new_run_id() -> str:
+    """A sortable, unique run id: ``20261125-103000_ab12cd34``."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return f"{stamp}_{uuid.uuid4().hex[:8]}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a run depends on. Paths are absolute."""
+
+    bids_dir: Path
+    output_dir: Path
+    analysis_level: str
+    participant_label: tuple[str, ...] = ()
+    session_label: tuple[str, ...] = ()
+    bids_filters: dict[str, Any] = field(default_factory=dict)
+    stages: tuple[str, ...] = ()
+    skip_stages: tuple[str, ...] = ()
+    work_dir: Path | None = None
+    bids_database_dir: Path | None = None
+    derivatives: tuple[Path, ...] = ()
+    skip_bids_validation: bool = False
+    t1w_policy: str = "first"
+    device: str = "auto"
+    nprocs: int | None = None
+    omp_nthreads: int | None = None
+    batch_size: int | None = None
+    random_seed: int = 0
+    stop_on_first_crash: bool = False
+    force: bool = False
+    reports_only: bool = False
+    model: Path | None = None
+    ddim_steps: int = 50
+    save_xt: bool = True
+    targets: tuple[str, ...] = ()
+    baseline_features: Path | None = None
+    probe: tuple[Path, ...] = ()
+    strengths: tuple[float, ...] = (-2.0, -1.0, 1.0, 2.0)
+    fill_months: tuple[float, ...] = ()
+    fill_schedule_months: float | None = None
+    session_time: str = "auto"
+    stage_options: dict[str, dict[str, str]] = field(default_factory=dict)
+    verbose: int = 0
+    run_id: str = field(default_factory=new_run_id)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def scratch_dir(self) -> Path:
+        """Per-run scratch folder inside the work directory."""
+        assert self.work_dir is not None
+        return self.work_dir / f"run-{self.run_id}"
+
+    def stage_option(self, stage: str, key: str, default: str | None = None) -> str | None:
+        """Read a ``--stage-option STAGE.KEY=VALUE`` given on the command line."""
+        return self.stage_options.get(stage, {}).get(key, default)
+
+    def replace(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """A TOML-able dict (no None values, paths as strings)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            out[f.name] = _plain(value)
+        return out
+
+    def save(self, path: Path) -> Path:
+        """Write the settings as TOML (atomically)."""
+        import tomli_w
+
+        from ldae_bids.bids.io import atomic_write_bytes
+
+        header = (
+            "# ldae-bids run configuration. Repeat this run with:\n"
+            f"#   ldae-bids --config-file {path.name} (plus the three positional arguments)\n"
+        )
+        data = header.encode() + tomli_w.dumps(self.to_dict()).encode()
+        atomic_write_bytes(path, data)
+        return path
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+_FIELD_TYPES = {f.name: f for f in fields(Settings)}
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Read a TOML config file into keyword arguments for :func:`build_settings`."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: config file not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}: not valid TOML ({exc})") from None
+    unknown = sorted(set(data) - set(_FIELD_TYPES))
+    if unknown:
+        raise UsageError(f"{path}: unknown setting(s): {', '.join(unknown)}")
+    # a saved config names its own run; a repeat is a new run
+    data.pop("run_id", None)
+    return data
+
+
+def build_settings(**kwargs: Any) -> Settings:
+    """Normalise and validate raw values (from the CLI and/or a config file)."""
+    kw = {k: v for k, v in kwargs.items() if v is not None}
+    for name in ("bids_dir", "output_dir", "work_dir", "bids_database_dir", "model", "baseline_features"):
+        if name in kw:
+            kw[name] = Path(kw[name]).expanduser().absolute()
+    for name in ("derivatives", "probe"):
+        if name in kw:
+            kw[name] = tuple(Path(p).expanduser().absolute() for p in kw[name])
+    for name in ("participant_label", "session_label", "stages", "skip_stages", "targets"):
+        if name in kw:
+            kw[name] = tuple(str(v) for v in kw[name])
+    for name in ("strengths", "fill_months"):
+        if name in kw:
+            kw[name] = tuple(float(v) for v in kw[name])
+    if "participant_label" in kw:
+        kw["participant_label"] = tuple(_strip_prefix(v, "sub-") for v in kw["participant_label"])
+    if "session_label" in kw:
+        kw["session_label"] = tuple(_strip_prefix(v, "ses-") for v in kw["session_label"])
+    for label in kw.get("participant_label", ()) + kw.get("session_label", ()):
+        if not label.isalnum():
+            raise UsageError(f"invalid label {label!r}: BIDS labels are letters and digits only")
+    if kw.get("t1w_policy", "first") not in T1W_POLICIES:
+        raise UsageError(f"--t1w-policy must be one of {', '.join(T1W_POLICIES)}")
+    if kw.get("device", "auto") not in ("auto", "cpu", "cuda") and not str(kw["device"]).startswith("cuda:"):
+        raise UsageError("--device must be auto, cpu, cuda or cuda:N")
+    for name in ("nprocs", "omp_nthreads", "batch_size"):
+        if name in kw and int(kw[name]) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    if "ddim_steps" in kw and not 1 <= int(kw["ddim_steps"]) <= 1000:
+        raise UsageError("--ddim-steps must be between 1 and 1000")
+    if kw.get("work_dir") is None:
+        kw["work_dir"] = Path(os.environ.get("TMPDIR", "/tmp")).absolute() / "ldae-bids-work"
+    return Settings(**kw)
+
+
+def _strip_prefix(value: str, prefix: str) -> str:
+    value = value.strip()
+    return value[len(prefix):] if value.startswith(prefix) else value

@@ -1,0 +1,73 @@
+"""Device selection, threads and mixed precision."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+from ldae_bids.errors import UsageError
+
+log = logging.getLogger("ldae_bids")
+
+
+def set_threads(nprocs: int | None, omp_nthreads: int | None) -> None:
+    """Limit CPU threads (torch intra-op, OpenMP/MKL) to what the user allows."""
+    n = omp_nthreads or nprocs
+    if n is None:
+        return
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(n)
+    import torch
+
+    torch.set_num_threads(n)
+    with contextlib.suppress(RuntimeError):  # can only be set once per process
+        torch.set_num_interop_threads(max(1, min(n, 4)))
+
+
+def select_device(requested: str = "auto"):
+    """The torch device for this run.
+
+    ``auto`` takes the first CUDA GPU when one is visible, else the CPU. Asking for
+    ``cuda`` when none is visible is an error with the usual cause spelled out.
+    """
+    import torch
+
+    if requested == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    elif requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(
+                "--device cuda was asked for but no CUDA GPU is visible "
+                "(in Apptainer/Singularity add --nv; in Docker add --gpus all; check CUDA_VISIBLE_DEVICES)"
+            )
+        device = torch.device(requested)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {requested}: only {torch.cuda.device_count()} GPU(s) visible")
+    else:
+        device = torch.device("cpu")
+    return device
+
+
+def describe(device) -> str:
+    """A log line naming the device, e.g. ``cuda:0 (NVIDIA H100 80GB HBM3)``."""
+    import torch
+
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{idx} ({torch.cuda.get_device_name(idx)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def autocast(device):
+    """bf16 autocast on CUDA, nothing on the CPU (fp32 is faster and exact there)."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def default_batch_size(device) -> int:
+    """Subjects per batch: several on a GPU, one on the CPU (bounded memory)."""
+    return 8 if device.type == "cuda" else 1

@@ -1,0 +1,120 @@
+"""What a stage is, and what it is given.
+
+A stage is a class registered in the ``ldae_bids.stages`` entry-point group. Built-in
+stages register exactly like third-party ones (see ``plugins/`` for a worked example)::
+
+    [project.entry-points."ldae_bids.stages"]
+    my-qc = "my_package.stage:MyQC"
+
+A participant-level stage's :meth:`Stage.run` receives one subject (all its
+sessions); a group-level stage receives a :class:`GroupInput`. Stages write
+through ``ctx.writer`` and read what earlier stages wrote from the output folder
+(``ctx.writer.path(...)``, or the helpers in :mod:`ldae_bids.bids.outputs`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ldae_bids.bids.discover import SubjectInput
+    from ldae_bids.bids.writer import DerivativesWriter
+    from ldae_bids.config import Settings
+    from ldae_bids.runtime import Resources
+
+
+class Level(str, Enum):
+    PARTICIPANT = "participant"
+    GROUP = "group"
+
+
+@dataclass(frozen=True)
+class GroupInput:
+    """What a group-level stage works on: the selected subjects and the output folder."""
+
+    subjects: tuple["SubjectInput", ...]
+    output_dir: Path
+    participants: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class StageContext:
+    """Everything a stage may use. Heavy resources (device, model) load on first use."""
+
+    settings: "Settings"
+    writer: "DerivativesWriter"
+    resources: "Resources"
+    stage: "Stage"
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("ldae_bids"))
+
+    @property
+    def device(self):
+        """The torch device of this run (auto-selected unless ``--device`` says)."""
+        return self.resources.device
+
+    @property
+    def model(self):
+        """The loaded model bundle (:class:`ldae_bids.model.bundle.ModelBundle`)."""
+        return self.resources.model
+
+    @property
+    def grid(self):
+        """The model's grid (:class:`ldae_bids.preprocessing.Grid`)."""
+        return self.resources.grid
+
+    def option(self, key: str, default: str | None = None) -> str | None:
+        """A ``--stage-option <stage>.<key>=<value>`` for this stage."""
+        return self.settings.stage_option(self.stage.name, key, default)
+
+
+class Stage:
+    """Base class of every analysis stage.
+
+    Class attributes declare the stage; ``run`` does the work.
+
+    Attributes
+    ----------
+    name : str
+        Unique name used on the command line (``--stages NAME``).
+    level : Level
+        ``participant`` or ``group``.
+    version : str
+        Bump it when outputs change: a new version re-runs the stage on resume.
+    requires : tuple of str
+        Stages whose outputs this one reads. At the same level they run first (and are
+        added to the run when missing); at participant level for a group stage, their
+        outputs must already be in the output folder.
+    needs_model : bool
+        Whether the stage uses the model bundle (its hash then enters the resume key).
+    default : bool
+        Whether the stage runs when ``--stages`` is not given.
+    batchable : bool
+        Whether :meth:`run_batch` handles several subjects at once (GPU batching).
+    """
+
+    name: ClassVar[str] = ""
+    level: ClassVar[Level] = Level.PARTICIPANT
+    version: ClassVar[str] = "1"
+    description: ClassVar[str] = ""
+    requires: ClassVar[tuple[str, ...]] = ()
+    needs_model: ClassVar[bool] = False
+    default: ClassVar[bool] = True
+    batchable: ClassVar[bool] = False
+
+    def parameters(self, settings: "Settings") -> dict[str, Any]:
+        """Settings that change this stage's outputs (enter the resume key and sidecars)."""
+        return {}
+
+    def run(self, ctx: StageContext, unit: "SubjectInput | GroupInput") -> None:
+        """Process one subject (participant level) or the group (group level)."""
+        raise NotImplementedError
+
+    def run_batch(self, ctx: StageContext, units: Sequence["SubjectInput"]) -> None:
+        """Process several subjects at once; the default loops over :meth:`run`."""
+        for unit in units:
+            self.run(ctx, unit)

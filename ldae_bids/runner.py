@@ -1,0 +1,198 @@
+"""Runs the planned stages over the selected subjects (participant) or the group.
+
+Failures are contained: a subject whose stage raises is rolled back (the files that
+stage wrote are removed), gets a crash file with the traceback under ``logs/``, and
+the run goes on with the other subjects unless ``--stop-on-first-crash``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ldae_bids import __version__
+from ldae_bids.bids.discover import SubjectInput
+from ldae_bids.bids.io import atomic_write_text
+from ldae_bids.bids.writer import DerivativesWriter
+from ldae_bids.config import Settings
+from ldae_bids.errors import LdaeError
+from ldae_bids.plugins.api import GroupInput, Level, Stage, StageContext
+from ldae_bids.runtime import Resources
+from ldae_bids.state import StampStore, digest, make_key
+
+log = logging.getLogger("ldae_bids")
+
+
+@dataclass
+class UnitResult:
+    unit: str
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed_stage: str | None = None
+    error: str | None = None
+    crash_file: Path | None = None
+    seconds: float = 0.0
+
+    @property
+    def status(self) -> str:
+        if self.failed_stage:
+            return "failed"
+        return "done" if self.done else "skipped"
+
+
+class Runner:
+    """Executes stage classes for one run."""
+
+    def __init__(self, settings: Settings, stages: Sequence[type[Stage]], resources: Resources,
+                 dist_of: dict[str, tuple[str, str]] | None = None):
+        self.settings = settings
+        self.stages = [cls() for cls in stages]
+        self.resources = resources
+        self.writer = DerivativesWriter(settings.output_dir, settings.bids_dir)
+        self.stamps = StampStore(settings.output_dir)
+        self.dist_of = dist_of or {}
+
+    # ------------------------------------------------------------------- keys
+    def _key(self, stage: Stage, unit: str, inputs: list[Path]) -> str:
+        payload: dict[str, Any] = {
+            "stage": stage.name, "version": stage.version, "params": stage.parameters(self.settings),
+            "inputs": sorted(digest(p) for p in inputs),
+            "requires": {r: self.stamps.key_of(unit, r) for r in stage.requires},
+        }
+        if stage.needs_model:
+            payload["model"] = self.resources.model_hash
+        return make_key(payload)
+
+    def _context(self, stage: Stage) -> StageContext:
+        provenance = {"StageVersion": stage.version, **self.resources.provenance(stage.needs_model)}
+        dist = self.dist_of.get(stage.name)
+        if dist and dist[0] != "ldae-bids":
+            provenance["Plugin"] = {"Distribution": dist[0], "Version": dist[1]}
+        params = stage.parameters(self.settings)
+        if params:
+            provenance["Parameters"] = params
+        return StageContext(self.settings, self.writer.for_stage(stage.name, provenance), self.resources, stage)
+
+    def _crash(self, unit: str, stage: Stage, exc: BaseException) -> Path:
+        path = self.settings.output_dir / "logs" / f"crash-{self.settings.run_id}-{unit}-{stage.name}.txt"
+        text = (f"ldae-bids {__version__}, run {self.settings.run_id}\nunit: {unit}\nstage: {stage.name} "
+                f"{stage.version}\n\n" + "".join(traceback.format_exception(exc)))
+        try:
+            atomic_write_text(path, text)
+        except OSError:
+            log.error("could not write crash file %s", path)
+        return path
+
+    @staticmethod
+    def _message(exc: BaseException) -> str:
+        if isinstance(exc, LdaeError):
+            return exc.message
+        return f"{type(exc).__name__}: {exc}"
+
+    # ------------------------------------------------------------ participant
+    def run_participant(self, subjects: Sequence[SubjectInput], progress=None) -> list[UnitResult]:
+        results = {s.label: UnitResult(s.key) for s in subjects}
+        batch_size = self.settings.batch_size or 1
+        if any(st.batchable for st in self.stages) and self.settings.batch_size is None:
+            from ldae_bids.device import default_batch_size
+
+            batch_size = default_batch_size(self.resources.device)
+        task = progress.add_task("subjects", total=len(subjects)) if progress else None
+        for start in range(0, len(subjects), batch_size):
+            batch = list(subjects[start:start + batch_size])
+            t0 = time.perf_counter()
+            alive = list(batch)
+            for stage in self.stages:
+                alive = self._participant_stage(stage, alive, results)
+                if not alive:
+                    break
+            for s in batch:
+                results[s.label].seconds = (time.perf_counter() - t0) / len(batch)
+            if progress is not None:
+                progress.advance(task, len(batch))
+        return [results[s.label] for s in subjects]
+
+    def _participant_stage(self, stage: Stage, subjects: list[SubjectInput],
+                           results: dict[str, UnitResult]) -> list[SubjectInput]:
+        todo: list[tuple[SubjectInput, str]] = []
+        for s in subjects:
+            key = self._key(stage, s.key, [ses.t1w for ses in s.sessions])
+            if not self.settings.force and self.stamps.is_done(s.key, stage.name, key):
+                results[s.label].skipped.append(stage.name)
+            else:
+                todo.append((s, key))
+        if not todo:
+            return subjects
+        if stage.batchable and len(todo) > 1:
+            ctx = self._context(stage)
+            try:
+                stage.run_batch(ctx, [s for s, _ in todo])
+            except Exception as exc:  # isolate the culprit by running one by one
+                log.warning("stage %s failed on a batch of %d (%s): retrying subject by subject",
+                            stage.name, len(todo), self._message(exc))
+                ctx.writer.remove_written()
+            else:
+                for s, key in todo:
+                    prefix = (self.settings.output_dir / s.key).resolve()
+                    files = [f for f in ctx.writer.written if Path(f).resolve().is_relative_to(prefix)]
+                    self.stamps.write(s.key, stage.name, key, files, self.settings.run_id)
+                    results[s.label].done.append(stage.name)
+                return subjects
+        failed: set[str] = set()
+        for s, key in todo:
+            ctx = self._context(stage)
+            self.stamps.remove(s.key, stage.name)
+            try:
+                stage.run(ctx, s)
+            except Exception as exc:
+                ctx.writer.remove_written()
+                res = results[s.label]
+                res.failed_stage, res.error = stage.name, self._message(exc)
+                res.crash_file = self._crash(s.key, stage, exc)
+                log.error("%s: stage %s failed: %s", s.key, stage.name, res.error)
+                failed.add(s.label)
+                if self.settings.stop_on_first_crash:
+                    raise
+                continue
+            self.stamps.write(s.key, stage.name, key, ctx.writer.written, self.settings.run_id)
+            results[s.label].done.append(stage.name)
+        return [s for s in subjects if s.label not in failed]
+
+    # ------------------------------------------------------------------ group
+    def run_group(self, group: GroupInput) -> list[UnitResult]:
+        out = []
+        for stage in self.stages:
+            res = UnitResult("group")
+            t0 = time.perf_counter()
+            unit_keys = {s.key: self.stamps.all_keys(s.key) for s in group.subjects}
+            key = make_key({"stage": stage.name, "version": stage.version,
+                            "params": stage.parameters(self.settings), "subjects": unit_keys,
+                            "requires": {r: self.stamps.key_of("group", r) for r in stage.requires},
+                            "model": self.resources.model_hash if stage.needs_model else None})
+            if not self.settings.force and self.stamps.is_done("group", stage.name, key):
+                res.skipped.append(stage.name)
+                out.append(res)
+                continue
+            ctx = self._context(stage)
+            self.stamps.remove("group", stage.name)
+            try:
+                stage.run(ctx, group)
+            except Exception as exc:
+                ctx.writer.remove_written()
+                res.failed_stage, res.error = stage.name, self._message(exc)
+                res.crash_file = self._crash("group", stage, exc)
+                log.error("group: stage %s failed: %s", stage.name, res.error)
+                if self.settings.stop_on_first_crash:
+                    raise
+            else:
+                self.stamps.write("group", stage.name, key, ctx.writer.written, self.settings.run_id)
+                res.done.append(stage.name)
+            res.seconds = time.perf_counter() - t0
+            res.unit = f"group: {stage.name}"
+            out.append(res)
+        return out

@@ -1,0 +1,1 @@
+"""Example ldae-bids stage plugins."""

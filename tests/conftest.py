@@ -1,0 +1,82 @@
+"""Shared fixtures: synthetic BIDS trees from a spec, the real IXI data when present."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+IXI = SHARED / "data" / "ixi"
+TEMPLATEFLOW = SHARED / "templateflow"
+
+
+def _nifti(path: Path, shape=(24, 28, 24), seed=0, zooms=(2.0, 2.0, 2.0)) -> None:
+    import nibabel as nib
+
+    rng = np.random.default_rng(seed)
+    data = rng.normal(100, 10, size=shape).astype(np.float32)
+    c = np.array(shape) / 2
+    idx = np.indices(shape).transpose(1, 2, 3, 0)
+    data[((idx - c) ** 2 / (c * 0.7) ** 2).sum(-1) < 1] += 400
+    affine = np.diag([*zooms, 1.0])
+    affine[:3, 3] = -np.array(shape) * np.array(zooms) / 2
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+
+
+def make_bids(root: Path, spec: dict[str, list[str] | None], participants: dict[str, dict] | None = None,
+              runs: dict[tuple[str, str | None], int] | None = None) -> Path:
+    """A small BIDS dataset: ``spec`` maps subject label -> session labels (None: no sessions)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "dataset_description.json").write_text(json.dumps({"Name": "synthetic", "BIDSVersion": "1.9.0"}))
+    rows = ["participant_id\tage\tsex"]
+    for i, (sub, sessions) in enumerate(sorted(spec.items())):
+        meta = (participants or {}).get(sub, {"age": 20 + i, "sex": "MF"[i % 2]})
+        rows.append(f"sub-{sub}\t{meta.get('age', 'n/a')}\t{meta.get('sex', 'n/a')}")
+        for ses in sessions or [None]:
+            folder = root / f"sub-{sub}" / (f"ses-{ses}" if ses else "") / "anat"
+            name = f"sub-{sub}" + (f"_ses-{ses}" if ses else "")
+            n = (runs or {}).get((sub, ses), 1)
+            for r in range(1, n + 1):
+                run = f"_run-{r}" if n > 1 else ""
+                _nifti(folder / f"{name}{run}_T1w.nii.gz", seed=zlib.crc32(f"{sub}{ses}{r}".encode()))
+        if sessions:
+            lines = ["session_id\tacq_time"] + [f"ses-{s}\t2020-0{1 + k}-01T10:00:00" for k, s in enumerate(sessions)]
+            (root / f"sub-{sub}" / f"sub-{sub}_sessions.tsv").write_text("\n".join(lines) + "\n")
+    (root / "participants.tsv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+@pytest.fixture
+def bids_factory(tmp_path):
+    def factory(spec, name="bids", **kw):
+        return make_bids(tmp_path / name, spec, **kw)
+
+    return factory
+
+
+@pytest.fixture(autouse=True)
+def _offline_templateflow(tmp_path_factory, monkeypatch):
+    """Every test sees a writable copy of the offline TemplateFlow home, never the network."""
+    if TEMPLATEFLOW.is_dir():
+        home = tmp_path_factory.getbasetemp() / "templateflow"
+        if not home.exists():
+            shutil.copytree(TEMPLATEFLOW, home)
+        monkeypatch.setenv("TEMPLATEFLOW_HOME", str(home))
+    monkeypatch.setenv("TEMPLATEFLOW_AUTOUPDATE", "0")
+    monkeypatch.setenv("TMPDIR", str(tmp_path_factory.getbasetemp()))
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture
+def ixi() -> Path:
+    if not IXI.is_dir():
+        pytest.skip(f"real data not found at {IXI} (../shared/data/ixi beside the repository)")
+    return IXI
