@@ -1,0 +1,50 @@
+"""``reconstruct``: decode (x_T, y_sem) back to an image; SSIM/MSE to the input in the sidecar."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ldae_bids.bids import outputs
+from ldae_bids.bids.discover import SubjectInput
+from ldae_bids.plugins.api import Level, Stage, StageContext
+from ldae_bids.stages._io import grid_image, load_preproc, load_xt, load_ysem
+
+
+class ReconstructStage(Stage):
+    name = "reconstruct"
+    level = Level.PARTICIPANT
+    version = "1"
+    description = "LDAE reconstruction in template space with SSIM/MSE to the input"
+    requires = ("embed",)
+    needs_model = True
+
+    def parameters(self, settings) -> dict[str, Any]:
+        return {"ddim_steps": settings.ddim_steps}
+
+    def run(self, ctx: StageContext, unit: SubjectInput) -> None:
+        import torch
+
+        from ldae_bids.metrics import similarity
+        from ldae_bids.reports.figures import image_rows
+
+        pipe = ctx.model.pipeline
+        steps = ctx.settings.ddim_steps
+        for ses in unit.sessions:
+            data, mask, src = load_preproc(ctx, ses)
+            y, ypath = load_ysem(ctx, ses)
+            xt, xpath = load_xt(ctx, ses)
+            out = pipe.decode(xt.to(ctx.device), torch.from_numpy(y)[None].to(ctx.device), steps=steps)
+            recon = out[0, 0].float().clamp(0, 1).cpu().numpy()
+            recon = np.where(mask, recon, 0.0).astype(np.float32) if ctx.option("mask", "yes") == "yes" else recon
+            metrics = similarity(torch.from_numpy(data), torch.from_numpy(recon), torch.from_numpy(mask))
+            ctx.writer.write_nifti(grid_image(ctx, recon), outputs.reconstruction(ses, ctx.grid.res_label), {
+                "Description": "LDAE reconstruction: DDIM decoding of (x_T, y_sem), then the autoencoder decoder; "
+                               "outside the brain mask set to 0.",
+                "SkullStripped": True, "DDIMSteps": steps,
+                "Metrics": {k: round(v, 6) for k, v in metrics.items()},
+            }, sources=[src, ypath, xpath])
+            fig = image_rows([("input", data), ("reconstruction", recon)],
+                             f"{ses.key}: SSIM {metrics['ssim_mask']:.3f} (brain), {steps} DDIM steps", diff_of=(0, 1))
+            ctx.writer.write_figure(fig, {**ses.entities, "desc": "reconstruction", "suffix": "T1w"})

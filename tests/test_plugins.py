@@ -1,0 +1,114 @@
+"""Stage plugins: discovery from entry points, dependency order, broken plugins reported."""
+
+from __future__ import annotations
+
+import sys
+from importlib.metadata import EntryPoint
+
+import pytest
+
+from ldae_bids.errors import PluginError, UsageError
+from ldae_bids.plugins.api import Level, Stage
+from ldae_bids.plugins.registry import Registry
+
+
+class A(Stage):
+    name = "a"
+    level = Level.PARTICIPANT
+
+    def run(self, ctx, unit):
+        pass
+
+
+class B(A):
+    name = "b"
+    requires = ("a",)
+
+
+class G(Stage):
+    name = "g"
+    level = Level.GROUP
+    requires = ("b",)
+
+    def run(self, ctx, unit):
+        pass
+
+
+class NoRun(Stage):
+    name = "norun"
+
+
+class Cycle1(A):
+    name = "c1"
+    requires = ("c2",)
+
+
+class Cycle2(A):
+    name = "c2"
+    requires = ("c1",)
+
+
+def eps(**names: str) -> list[EntryPoint]:
+    return [EntryPoint(name, value, "ldae_bids.stages") for name, value in names.items()]
+
+
+mod = __name__
+
+
+def test_plan_adds_requirements_in_order():
+    reg = Registry(eps(a=f"{mod}:A", b=f"{mod}:B", g=f"{mod}:G"))
+    assert [s.name for s in reg.plan("participant", ("b",))] == ["a", "b"]
+    assert [s.name for s in reg.plan("participant")] == ["a", "b"]
+    # a group stage's participant-level requirement is not run at group level
+    assert [s.name for s in reg.plan("group")] == ["g"]
+    assert [s.name for s in reg.plan("participant", skip=("a",))] == ["b"]
+
+
+def test_wrong_level_and_unknown_stage_are_usage_errors():
+    reg = Registry(eps(a=f"{mod}:A", g=f"{mod}:G", b=f"{mod}:B"))
+    with pytest.raises(UsageError, match="group level"):
+        reg.plan("participant", ("g",))
+    with pytest.raises(UsageError, match="unknown stage"):
+        reg.plan("participant", ("zzz",))
+
+
+def test_cycle_is_reported():
+    reg = Registry(eps(c1=f"{mod}:Cycle1", c2=f"{mod}:Cycle2"))
+    with pytest.raises(PluginError, match="cycle"):
+        reg.plan("participant")
+
+
+def test_broken_plugins_do_not_break_the_others(caplog):
+    reg = Registry(eps(a=f"{mod}:A", bad="no_such_module_xyz:Stage", norun=f"{mod}:NoRun",
+                       notastage=f"{mod}:eps"))
+    plan = reg.plan("participant")
+    assert [s.name for s in plan] == ["a"]
+    assert "failed to load" in reg.errors["bad"] and "ModuleNotFoundError" in reg.errors["bad"]
+    assert "does not implement run()" in reg.errors["norun"]
+    assert "not a subclass" in reg.errors["notastage"]
+    with pytest.raises(PluginError, match="no_such_module_xyz"):
+        reg.plan("participant", ("bad",))
+
+
+def test_broken_installed_distribution_is_named(tmp_path, monkeypatch):
+    """A plugin distribution (dist-info on sys.path) whose module fails at import."""
+    dist = tmp_path / "broken_plugin-2.5.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 2.5\n")
+    (dist / "entry_points.txt").write_text("[ldae_bids.stages]\nbroken = broken_plugin_mod:Stage\n")
+    (tmp_path / "broken_plugin_mod.py").write_text("raise RuntimeError('boom at import')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reg = Registry()
+    assert "broken" in reg.names and "example-qc" in reg.names
+    infos = {i.name: i for i in reg.info()}
+    assert infos["broken"].error and "broken-plugin 2.5" in infos["broken"].error
+    assert "boom at import" in infos["broken"].error
+    assert infos["example-qc"].error is None and infos["example-qc"].distribution == "ldae-bids-example"
+    sys.modules.pop("broken_plugin_mod", None)
+
+
+def test_builtin_stages_register_through_entry_points():
+    reg = Registry()
+    for name in ("preprocess", "embed", "reconstruct", "probe", "collect-embeddings"):
+        assert name in reg.names
+        assert reg.distribution(name)[0] == "ldae-bids"
