@@ -150,7 +150,11 @@ def main_run(settings: Settings) -> int:
     _reports(settings, subjects)
     _summary(results)
     failed = [r for r in results if r.status == "failed"]
-    return ExitCode.SUBJECT_FAILED if failed else ExitCode.OK
+    if not failed:
+        return ExitCode.OK
+    if settings.analysis_level == "group":  # e.g. 66 when the participant outputs are missing
+        return failed[0].exit_code
+    return ExitCode.SUBJECT_FAILED
 
 
 def _run_participants(runner, subjects):

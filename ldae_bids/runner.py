@@ -37,6 +37,7 @@ class UnitResult:
     error: str | None = None
     crash_file: Path | None = None
     seconds: float = 0.0
+    exit_code: int = 1
 
     @property
     def status(self) -> str:
@@ -185,6 +186,7 @@ class Runner:
             except Exception as exc:
                 ctx.writer.remove_written()
                 res.failed_stage, res.error = stage.name, self._message(exc)
+                res.exit_code = int(getattr(exc, "exit_code", 1))
                 res.crash_file = self._crash("group", stage, exc)
                 log.error("group: stage %s failed: %s", stage.name, res.error)
                 if self.settings.stop_on_first_crash:
