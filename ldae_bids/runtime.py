@@ -59,12 +59,11 @@ class Resources:
 
     @cached_property
     def model_hash(self) -> str:
-        """The bundle's recorded content hash (verified when the weights load)."""
-        meta = self.model_metadata
-        h = meta.get("content_hash") or meta.get("hash")
-        if h:
-            return str(h)
-        return self.model.content_hash
+        """The bundle's content hash, verified against its files (cheap: no weights loaded)."""
+        from ldae_bids.model.bundle import verify_bundle
+
+        _ = self.model_metadata  # clear error when the bundle is absent
+        return verify_bundle(self.model_path)
 
     @cached_property
     def model_name(self) -> str:

@@ -87,4 +87,4 @@ def test_dataset_description_concurrent_updates(writer):
     desc = json.loads((out / "dataset_description.json").read_text())
     assert desc["DatasetType"] == "derivative" and desc["GeneratedBy"][0]["Name"] == "ldae-bids"
     assert sorted(g["Name"] for g in desc["GeneratedBy"][1:]) == [f"plugin{i}" for i in range(6)]
-    assert (out / ".bidsignore").read_text().startswith("logs/")
+    assert (out / ".bidsignore").read_text().startswith("logs\n")

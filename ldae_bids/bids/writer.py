@@ -37,9 +37,9 @@ GROUP_PATTERNS = [
 _LABEL = re.compile(r"^[A-Za-z0-9]+$")
 _FREE_ENTITIES = {"suffix", "extension", "datatype"}
 
-BIDSIGNORE = ["logs/", "group/", "*_xfm.txt", "*_features.tsv", "*_features.json", "*_xt.safetensors",
+BIDSIGNORE = ["logs", "group", "*_xfm.txt", "*_features.tsv", "*_features.json", "*_xt.safetensors",
               "*_xt.json", "*_probe.json", "*_predictions.tsv", "*_predictions.json", "*_metrics.tsv",
-              "*_metrics.json", "*.html", "sub-*/figures/"]
+              "*_metrics.json", "*.html", "figures"]  # no trailing '/': bids-validator 3 ignores such folders
 
 
 @dataclass
@@ -131,6 +131,10 @@ class DerivativesWriter:
         import nibabel as nib
 
         path = self.path(**entities, extension=".nii.gz")
+        if "res" in entities and "Resolution" not in (sidecar or {}):  # required with res-
+            zooms = img.header.get_zooms()[:3]
+            sidecar = {**(sidecar or {}), "Resolution": {
+                str(entities["res"]): "x".join(f"{z:g}" for z in zooms) + " mm voxels"}}
         self._record(atomic_write(path, lambda tmp: nib.save(img, str(tmp))))
         self.write_sidecar(path, sidecar, sources)
         return path

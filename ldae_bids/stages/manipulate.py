@@ -101,7 +101,7 @@ class ManipulateStage(Stage):
                     ctx.writer.write_nifti(grid_image(ctx, vols[i] - vols[0]), {
                         **ses.entities, "space": outputs.SPACE, "res": ctx.grid.res_label, "desc": desc + "diff",
                         "suffix": "T1w"}, {"Description": f"manipulated ({a:+g}) minus reconstruction (0)",
-                                           "Strength": a}, sources=[src])
+                                           "Strength": a, "SkullStripped": True}, sources=[src])
                 table = pd.DataFrame(rows).sort_values("strength")
                 ordered = table["score_reencoded"].to_numpy()
                 monotonic = bool(np.all(np.diff(ordered) > 0))

@@ -61,13 +61,15 @@ class PreprocessStage(Stage):
                             sources=[ses.t1w])
         img_path = w.write_nifti(
             res.image, outputs.preproc_t1w(ses, res_label),
-            {"SkullStripped": True, "Resolution": f"{grid.spacing:g} mm isotropic, {'x'.join(map(str, grid.shape))} "
-             f"voxels on {grid.template}", "IntensityNormalisation": params.get("normalisation"),
+            {"SkullStripped": True, "Resolution": {res_label: f"{grid.spacing:g} mm isotropic, "
+             f"{'x'.join(map(str, grid.shape))} voxels on {grid.template}"},
+             "IntensityNormalisation": params.get("normalisation"),
              "QC": res.qc, **common},
             sources=[ses.t1w],
         )
         w.write_nifti(res.mask_grid, outputs.brain_mask_grid(ses, res_label),
-                      {"Type": "Brain", "Resolution": f"{grid.spacing:g} mm"}, sources=[img_path])
+                      {"Type": "Brain", "Resolution": {res_label: f"{grid.spacing:g} mm isotropic"}},
+                      sources=[img_path])
         tpl = ctx.resources.template_mask_on_grid
         fig = qc_overlay(np.asarray(res.image.dataobj, dtype=np.float32), np.asarray(res.mask_grid.dataobj) > 0,
                          tpl, f"{ses.key}: model-ready image, brain mask (red), template brain (blue)")

@@ -1,0 +1,161 @@
+"""The model stages end to end on CPU with a tiny random bundle and synthetic model-ready images.
+
+Preprocessing is tested on its own (test_preprocessing.py); here its outputs are written directly so
+that embed, reconstruct, manipulate and fill-missing-sessions run through the real CLI in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from ldae_bids.bids import outputs
+from ldae_bids.bids.discover import SessionInput
+from ldae_bids.bids.writer import DerivativesWriter
+from ldae_bids.cli.main import main
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    import torch
+
+    from ldae_bids.model.bundle import save_bundle
+    from ldae_bids.model.config import preset
+    from ldae_bids.model.pipeline import LdaePipeline
+    from ldae_bids.preprocessing import Grid
+
+    torch.manual_seed(0)
+    cfg, _ = preset("tiny")
+    grid = Grid.centred_like(Grid.compact(), cfg.image_shape, 10.0, name="tiny")
+    path = tmp_path_factory.mktemp("bundle") / "tiny"
+    save_bundle(path, LdaePipeline(cfg).eval(), {"grid": grid.to_dict(), "normalisation": "percentile",
+                                                 "licence": "CC0", "training_data": "none (random weights)"})
+    return path, grid
+
+
+def _blob(shape, seed):
+    rng = np.random.default_rng(seed)
+    idx = np.indices(shape).transpose(1, 2, 3, 0)
+    c = np.array(shape) / 2 - 0.5
+    mask = (((idx - c) / (np.array(shape) * 0.4)) ** 2).sum(-1) < 1
+    img = np.where(mask, 0.5 + 0.3 * rng.random(shape), 0).astype(np.float32)
+    return img, mask
+
+
+@pytest.fixture
+def prepared(bids_factory, tmp_path, tiny_bundle):
+    """A dataset whose preprocess outputs already exist in OUT (as the preprocess stage writes them)."""
+    bundle, grid = tiny_bundle
+    bids = bids_factory({"01": ["M00", "M06", "M12"], "02": None})
+    out = tmp_path / "out"
+    w = DerivativesWriter(out, bids)
+    k = 0
+    for sub, sessions in (("01", ["M00", "M06", "M12"]), ("02", [None])):
+        for ses in sessions:
+            ents = {"subject": sub, **({"session": ses} if ses else {})}
+            s = SessionInput(sub, ses, bids / "x", ents)
+            img, mask = _blob(grid.shape, k)
+            k += 1
+            w.write_nifti(nib.Nifti1Image(img, grid.affine), outputs.preproc_t1w(s, grid.res_label),
+                          {"SkullStripped": True})
+            w.write_nifti(nib.Nifti1Image(mask.astype(np.uint8), grid.affine),
+                          outputs.brain_mask_grid(s, grid.res_label))
+    return bids, out, bundle
+
+
+def _run(bids, out, bundle, *args):
+    return main([str(bids), str(out), "participant", "--model", str(bundle), "--skip-bids-validation",
+                 "--skip-stages", "preprocess", "--ddim-steps", "4", "-w", str(out.parent / "w"), *map(str, args)])
+
+
+def test_embed_and_reconstruct(prepared):
+    bids, out, bundle = prepared
+    assert _run(bids, out, bundle, "--stages", "embed", "reconstruct") == 0
+    anat = out / "sub-01" / "ses-M06" / "anat"
+    y = pd.read_csv(anat / "sub-01_ses-M06_space-MNI152NLin2009cAsym_desc-ysem_features.tsv", sep="\t")
+    assert list(y.columns[:2]) == ["participant_id", "session_id"] and y.filter(like="ysem_").shape == (1, 16)
+    from safetensors.torch import load_file
+
+    xt = load_file(str(anat / "sub-01_ses-M06_space-MNI152NLin2009cAsym_desc-xt_xt.safetensors"))["x_T"]
+    assert xt.shape == (1, 2, 8, 8, 8)
+    side = json.loads((anat / "sub-01_ses-M06_space-MNI152NLin2009cAsym_res-10_desc-reconstruction_T1w.json")
+                      .read_text())
+    assert set(side["Metrics"]) == {"ssim", "mse", "ssim_mask", "mse_mask"}
+    assert side["GeneratedBy"]["ModelBundle"]["Name"] == "tiny"
+    desc = json.loads((out / "dataset_description.json").read_text())
+    assert any(g["Name"] == "model bundle tiny" for g in desc["GeneratedBy"])
+    assert (out / "sub-02" / "figures").is_dir() and (out / "sub-02.html").is_file()
+    # the batch path (several subjects at once) gives the same codes as one by one
+    out2 = out.parent / "out2"
+    shutil.copytree(out, out2, ignore=shutil.ignore_patterns("*desc-ysem*", "*desc-xt*", "logs"))
+    assert _run(bids, out2, bundle, "--stages", "embed", "--batch-size", "2") == 0
+    a = pd.read_csv(anat / "sub-01_ses-M06_space-MNI152NLin2009cAsym_desc-ysem_features.tsv", sep="\t")
+    b = pd.read_csv(out2 / anat.relative_to(out) / "sub-01_ses-M06_space-MNI152NLin2009cAsym_desc-ysem_features.tsv",
+                    sep="\t")
+    np.testing.assert_allclose(a.filter(like="ysem_").to_numpy(), b.filter(like="ysem_").to_numpy(), atol=1e-4)
+
+
+def test_manipulate_and_fill_missing(prepared, tmp_path):
+    from ldae_bids.analysis.probe import fit_probe, save_probe
+
+    bids, out, bundle = prepared
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(30, 16))
+    res = fit_probe(X, X[:, 0] * 3 + 40, np.arange(30), n_boot=0, target="age")
+    probe = save_probe(res.probe, tmp_path / "age_probe.json")
+    assert _run(bids, out, bundle, "--stages", "manipulate", "fill-missing-sessions", "--probe", probe,
+                "--strengths", "-2", "2", "--fill-months", "3", "9", "30", "--session-time", "label",
+                "--stage-option", "fill-missing-sessions.evaluate=yes") == 0
+    anat = out / "sub-02" / "anat"
+    plus = anat / "sub-02_space-MNI152NLin2009cAsym_res-10_desc-manipAgePlus20_T1w.nii.gz"
+    assert plus.is_file() and (anat / "sub-02_space-MNI152NLin2009cAsym_res-10_desc-manipAgeMinus20diff_T1w.nii.gz"
+                               ).is_file()
+    side = json.loads(plus.with_name(plus.name.replace(".nii.gz", ".json")).read_text())
+    assert side["Strength"] == 2.0 and "ProbeScoreManipulated" in side
+    table = pd.read_csv(anat / "sub-02_desc-manipAge_predictions.tsv", sep="\t")
+    assert list(table["strength"]) == [-2.0, 0.0, 2.0]
+    # synthetic sessions at 3 and 9 months; 30 months would be an extrapolation and is skipped
+    syn = sorted(p.name for p in (out / "sub-01").rglob("*desc-synthetic_T1w.nii.gz"))
+    assert syn == ["sub-01_ses-M03_space-MNI152NLin2009cAsym_res-10_desc-synthetic_T1w.nii.gz",
+                   "sub-01_ses-M09_space-MNI152NLin2009cAsym_res-10_desc-synthetic_T1w.nii.gz"]
+    meta = json.loads(next((out / "sub-01").rglob("*ses-M09*desc-synthetic_T1w.json")).read_text())
+    assert meta["Synthetic"] is True and meta["SourceSessions"] == ["ses-M06", "ses-M12"]
+    assert abs(meta["Fraction"] - 0.5) < 0.05
+    ev = pd.read_csv(out / "sub-01" / "anat" / "sub-01_desc-filleval_metrics.tsv", sep="\t")
+    assert set(ev["method"]) == {"ldae", "nearest", "blend"} and set(ev["held_out"]) == {"ses-M06"}
+    exe = shutil.which("bids-validator-deno") or shutil.which("bids-validator")
+    if exe:
+        proc = subprocess.run([exe, "--format", "json", str(out)], capture_output=True, text=True,
+                              env={**os.environ, "NO_COLOR": "1"})
+        errors = [i for i in json.loads(proc.stdout)["issues"]["issues"] if i["severity"] == "error"]
+        assert errors == [], errors
+
+
+def test_manipulate_without_probe_fails_clearly(prepared, capsys):
+    bids, out, bundle = prepared
+    assert _run(bids, out, bundle, "--stages", "manipulate") == 66
+    assert "no saved probe" in capsys.readouterr().err
+
+
+def test_missing_model_bundle_exits_66(prepared, tmp_path, capsys):
+    bids, out, _ = prepared
+    assert _run(bids, out, tmp_path / "nope", "--stages", "embed") == 66
+    assert "nope" in capsys.readouterr().err
+
+
+def test_corrupted_bundle_is_refused(prepared, tmp_path, capsys):
+    bids, out, bundle = prepared
+    bad = tmp_path / "bad"
+    shutil.copytree(bundle, bad)
+    data = bytearray((bad / "model.safetensors").read_bytes())
+    data[-10] ^= 0xFF
+    (bad / "model.safetensors").write_bytes(bytes(data))
+    assert _run(bids, out, bad, "--stages", "embed") == 66
+    assert "sha256" in capsys.readouterr().err
