@@ -67,6 +67,8 @@ class Runner:
         }
         if stage.needs_model:
             payload["model"] = self.resources.model_hash
+        if stage.uses_grid:
+            payload["grid"] = self.resources.grid.to_dict()
         return make_key(payload)
 
     def _context(self, stage: Stage) -> StageContext:

@@ -96,6 +96,9 @@ def run(
         help="A model bundle folder (default: the one shipped with the package).", rich_help_panel=MODEL)] = None,
     ddim_steps: Annotated[Optional[int], typer.Option(help="DDIM steps for inversion and decoding.",
                                                       rich_help_panel=MODEL)] = None,
+    save_xt: Annotated[Optional[bool], typer.Option(
+        "--save-xt/--no-save-xt", help="Also compute x_T by DDIM inversion in embed (default: yes; needed by "
+        "reconstruct, manipulate and fill-missing-sessions).", rich_help_panel=MODEL)] = None,
     targets: Annotated[Optional[list[str]], typer.Option(
         "--targets", help="participants.tsv/sessions.tsv columns to probe (group level).",
         rich_help_panel=MODEL)] = None,
@@ -150,7 +153,7 @@ def run(
         bids_database_dir=bids_database_dir, stages=stages, skip_stages=skip_stages, work_dir=work_dir,
         stop_on_first_crash=stop_on_first_crash or None, force=force or None, reports_only=reports_only or None,
         verbose=verbose or None, device=device, nprocs=nprocs, omp_nthreads=omp_nthreads, batch_size=batch_size,
-        random_seed=random_seed, model=model, ddim_steps=ddim_steps, targets=targets,
+        random_seed=random_seed, model=model, ddim_steps=ddim_steps, save_xt=save_xt, targets=targets,
         baseline_features=baseline_features, probe=probe, strengths=strengths, fill_months=fill_months,
         fill_schedule_months=fill_schedule_months, session_time=session_time,
         stage_options=stage_opts or None,

@@ -95,6 +95,8 @@ class Stage:
         Whether the stage runs when ``--stages`` is not given.
     batchable : bool
         Whether :meth:`run_batch` handles several subjects at once (GPU batching).
+    uses_grid : bool
+        Whether outputs depend on the model grid (its definition then enters the resume key).
     """
 
     name: ClassVar[str] = ""
@@ -105,6 +107,7 @@ class Stage:
     needs_model: ClassVar[bool] = False
     default: ClassVar[bool] = True
     batchable: ClassVar[bool] = False
+    uses_grid: ClassVar[bool] = False
 
     def parameters(self, settings: "Settings") -> dict[str, Any]:
         """Settings that change this stage's outputs (enter the resume key and sidecars)."""

@@ -18,6 +18,7 @@ class PreprocessStage(Stage):
     version = "1"
     description = "deepbet brain extraction, affine registration to MNI152NLin2009cAsym, resampling, normalisation"
     batchable = True
+    uses_grid = True
 
     def parameters(self, settings) -> dict[str, Any]:
         return {"derivatives": [str(p) for p in settings.derivatives]}
