@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -86,9 +87,9 @@ def _check_output(settings: Settings) -> None:
         raise UsageError("the output folder must not be the BIDS input folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out)  # unique across hosts and containers
+        os.close(fd)
+        os.unlink(probe)
     except OSError as exc:
         raise OutputError(f"{out}: cannot create output ({exc.strerror or exc})") from None
     if settings.work_dir is not None:

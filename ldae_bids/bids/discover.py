@@ -136,34 +136,58 @@ def _database_dir(settings: Settings) -> Path:
     return db
 
 
+def _fingerprint(bids_dir: Path) -> str:
+    """Cheap identity of a dataset's layout: its root and the sorted subject folders."""
+    subs = sorted(p.name for p in bids_dir.iterdir() if p.name.startswith("sub-"))
+    return hashlib.sha1("\n".join([str(bids_dir.resolve()), *subs]).encode()).hexdigest()
+
+
 def load_layout(settings: Settings):
     """A pybids layout of the input dataset, index cached under the work dir.
 
-    A cached index is reused when it exists; a new one is built in a temporary folder
-    and moved into place, so concurrent runs never read a half-written index.
+    A cached index is reused only when it was built for this folder with the same subjects
+    (a fingerprint file beside it); otherwise a new one is built in a temporary folder and
+    renamed into place. A shared index (Slurm arrays) is never deleted while others read it.
     """
     from bids import BIDSLayout
     from bids.layout import BIDSLayoutIndexer
 
     db = _database_dir(settings)
     indexer = BIDSLayoutIndexer(validate=False, ignore=list(IGNORE), index_metadata=False)
+    fingerprint = _fingerprint(settings.bids_dir)
+    stamp = db / "ldae-bids-fingerprint.txt"
     if (db / "layout_index.sqlite").exists():
-        try:
+        if stamp.is_file() and stamp.read_text().strip() == fingerprint:
+            try:
+                layout = BIDSLayout(settings.bids_dir, database_path=db, validate=False, indexer=indexer)
+                if Path(layout.root).resolve() == settings.bids_dir.resolve():
+                    return layout
+            except Exception as exc:  # a broken cache is never trusted
+                log.warning("cached BIDS index at %s unusable (%s): re-indexing", db, exc)
+        log.info("BIDS index at %s was built for another dataset or subject list: not used", db)
+        db = db.with_name(f"{db.name}-{fingerprint[:12]}")
+        stamp = db / "ldae-bids-fingerprint.txt"
+        if stamp.is_file() and stamp.read_text().strip() == fingerprint:
             return BIDSLayout(settings.bids_dir, database_path=db, validate=False, indexer=indexer)
-        except Exception as exc:  # a stale or broken cache is rebuilt, never trusted
-            log.warning("cached BIDS index at %s unusable (%s): re-indexing", db, exc)
     layout = BIDSLayout(settings.bids_dir, validate=False, indexer=indexer)
+    tmp = None
     try:
         db.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{db.name}.", dir=db.parent))
         layout.save(tmp)
-        if db.exists():
-            shutil.rmtree(db, ignore_errors=True)
-        os.replace(tmp, db)
+        (tmp / stamp.name).write_text(fingerprint + "\n")
+        os.rename(tmp, db)  # fails if another process got there first: theirs is as good
+        tmp = None
     except OSError as exc:
-        log.warning("could not cache the BIDS index at %s (%s)", db, exc)
-        return BIDSLayout(settings.bids_dir, validate=False, indexer=indexer)
-    return BIDSLayout(settings.bids_dir, database_path=db, validate=False, indexer=indexer)
+        if not (db / "layout_index.sqlite").exists():
+            log.warning("could not cache the BIDS index at %s (%s)", db, exc)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    # layout.save() rebinds the in-memory layout to the saved copy: reopen from the final place
+    if (db / "layout_index.sqlite").exists():
+        return BIDSLayout(settings.bids_dir, database_path=db, validate=False, indexer=indexer)
+    return BIDSLayout(settings.bids_dir, validate=False, indexer=indexer)
 
 
 # ---------------------------------------------------------------------------- discovery

@@ -8,6 +8,7 @@ path is checked to stay inside the output folder.
 from __future__ import annotations
 
 import fcntl
+import logging
 import json
 import os
 import re
@@ -192,7 +193,13 @@ def output_lock(output_dir: Path) -> Iterator[None]:
     """
     output_dir.mkdir(parents=True, exist_ok=True)
     with open(output_dir / ".ldae-bids.lock", "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        except OSError as exc:  # e.g. Lustre mounted without flock: writes stay atomic
+            logging.getLogger("ldae_bids").warning("no file locking on %s (%s): going on without it",
+                                                   output_dir, exc)
+            yield
+            return
         try:
             yield
         finally:
