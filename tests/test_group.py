@@ -84,3 +84,13 @@ def test_custom_plugin_probe_reuses_embeddings(cohort, tmp_path):
 def test_group_without_participant_outputs_exits_66(cohort, tmp_path, capsys):
     assert main([str(cohort), str(tmp_path / "empty"), "group", "-w", str(tmp_path / "w")]) == 66
     assert "participant level" in capsys.readouterr().err
+
+
+def test_group_level_on_a_small_pilot_runs_without_probes(bids_factory, tmp_path, caplog):
+    bids = bids_factory({"01": None, "02": None})
+    out = tmp_path / "out"
+    _plant(bids, out, 2)
+    assert main([str(bids), str(out), "group", "-w", str(tmp_path / "w")]) == 0
+    assert (out / "group" / "desc-ysem_features.tsv").is_file()
+    assert not (out / "group" / "desc-probes_metrics.tsv").exists()
+    assert (out / "group.html").is_file()

@@ -55,9 +55,10 @@ class ProbeStage(Stage):
         sessions = table["session_id"] if "session_id" in table.columns else [None] * len(table)
         keys = [(p, s if isinstance(s, str) and s else None) for p, s in zip(table["participant_id"], sessions)]
         groups = table["participant_id"].to_numpy()
-        if len(table) < MIN_ROWS:
-            raise MissingInputError(f"{table_path}: only {len(table)} embedded sessions; probes need at least "
-                                    f"{MIN_ROWS}")
+        if len(table) < MIN_ROWS:  # not an error: the group level of a small pilot still runs
+            ctx.log.warning("%s: only %d embedded session(s); probes need at least %d: no probe fitted",
+                            table_path, len(table), MIN_ROWS)
+            return
         bids = ctx.settings.bids_dir
         targets_table = read_target_table(bids / "participants.tsv", bids)
         targets = list(ctx.settings.targets) or [
