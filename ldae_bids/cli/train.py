@@ -1,0 +1,109 @@
+"""``ldae-bids-tools train``: train an LDAE on model-ready images and export a bundle.
+
+Single process::
+
+    ldae-bids-tools train DERIV_DIR -o TRAIN_DIR --preset compact
+
+Several GPUs or nodes, through torchrun (same arguments)::
+
+    torchrun --nproc_per_node 4 -m ldae_bids.cli.train DERIV_DIR -o TRAIN_DIR
+
+Rerunning the command resumes from the last checkpoint in TRAIN_DIR.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})
+
+
+@app.command()
+def train(
+    inputs: Annotated[list[Path], typer.Argument(
+        help="Model-ready images (*_desc-preproc_T1w.nii.gz) or folders searched for them.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Training folder (checkpoints, logs, report).")],
+    preset: Annotated[str, typer.Option(help="Model preset: tiny, compact or paper.")] = "compact",
+    ae_steps: Annotated[Optional[int], typer.Option(help="Stage-1 steps (patch phase).")] = None,
+    ae_patch_size: Annotated[Optional[int], typer.Option(
+        help="Stage-1 random cubic crops of this size (cheaper on CPU), 0 = whole volumes.")] = None,
+    ae_full_volume_steps: Annotated[Optional[int], typer.Option(
+        help="Whole-volume steps after the crop phase.")] = None,
+    ldae_steps: Annotated[Optional[int], typer.Option(help="Stage-2 steps.")] = None,
+    ae_max_minutes: Annotated[Optional[float], typer.Option(
+        help="Wall-clock budget of stage 1 (then the whole-volume phase runs).")] = None,
+    ldae_max_minutes: Annotated[Optional[float], typer.Option(help="Wall-clock budget of stage 2.")] = None,
+    ae_batch_size: Annotated[Optional[int], typer.Option(help="Stage-1 batch per process.")] = None,
+    ldae_batch_size: Annotated[Optional[int], typer.Option(help="Stage-2 batch per process.")] = None,
+    val_fraction: Annotated[Optional[float], typer.Option(help="Fraction of subjects held out.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the split and of training.")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help="Steps between checkpoints.")] = None,
+    val_every: Annotated[Optional[int], typer.Option(help="Steps between validations.")] = None,
+    bundle: Annotated[Optional[Path], typer.Option(help="Where to export the bundle (default OUTPUT/bundle).")] = None,
+    bundle_name: Annotated[Optional[str], typer.Option(help="Name recorded in the bundle.")] = None,
+    template: Annotated[str, typer.Option(help="Template of the model grid.")] = "MNI152NLin2009cAsym",
+    data_description: Annotated[str, typer.Option(help="Training data, for the bundle metadata.")] = "",
+    normalisation: Annotated[str, typer.Option(
+        help="Intensity normalisation of the inputs, recorded in the bundle: percentile or minmax.")] = "percentile",
+    licence: Annotated[str, typer.Option(help="Licence of the trained weights.")] = "unspecified",
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (default: CUDA if present).")] = None,
+    threads: Annotated[Optional[str], typer.Option(
+        help="CPU threads for torch: a number, or 'auto' (follow the cores other processes leave free).")] = None,
+    export_only: Annotated[bool, typer.Option(
+        "--export-only", help="Export the current checkpoint of OUTPUT as a bundle, do not train.")] = False,
+) -> None:
+    """Train both stages (resuming from OUTPUT if possible) and export a bundle."""
+    from ldae_bids.errors import LdaeError, UsageError
+
+    overrides = {k: v for k, v in dict(
+        ae_steps=ae_steps, ae_full_volume_steps=ae_full_volume_steps, ldae_steps=ldae_steps,
+        ae_max_minutes=ae_max_minutes, ldae_max_minutes=ldae_max_minutes, ae_batch_size=ae_batch_size, ldae_batch_size=ldae_batch_size, val_fraction=val_fraction, seed=seed,
+        checkpoint_every=checkpoint_every, val_every=val_every).items() if v is not None}
+    if ae_patch_size is not None:
+        overrides["ae_patch_size"] = (ae_patch_size,) * 3 if ae_patch_size > 0 else None
+    try:
+        import logging
+
+        import torch
+
+        from ldae_bids.model.config import preset as get_preset
+        from ldae_bids.model.export import export_bundle
+        from ldae_bids.model.train import TrainSettings, load_settings, run_training
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+        if threads and threads != "auto":
+            if not threads.isdigit() or int(threads) < 1:
+                raise UsageError("--threads must be a positive number or 'auto'")
+            torch.set_num_threads(int(threads))
+        if val_fraction is not None and not 0 <= val_fraction < 1:
+            raise UsageError("--val-fraction must be in [0, 1)")
+        model_cfg, train_cfg = get_preset(preset)
+        settings = TrainSettings(
+            inputs=tuple(inputs), output=output, model=model_cfg,
+            train=dataclasses.replace(train_cfg, **overrides), preset=preset, template=template,
+            bundle=bundle, bundle_name=bundle_name, device=device, auto_threads=threads == "auto",
+            normalisation=normalisation, dataset_description=data_description, licence=licence)
+        if export_only and (output / "settings.json").exists():
+            # the run's own settings (data description, licence...), only the target may change
+            saved = load_settings(output)
+            settings = dataclasses.replace(saved, bundle=bundle or saved.bundle,
+                                           bundle_name=bundle_name or saved.bundle_name)
+        path = export_bundle(settings) if export_only else run_training(settings)
+        if path is not None:
+            typer.echo(f"bundle: {path}")
+    except LdaeError as exc:
+        typer.echo(f"ldae-bids-tools train: {exc.message}", err=True)
+        raise typer.Exit(int(exc.exit_code)) from None
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Image similarity for intensities in [0, 1]: 3D SSIM and MSE, whole volume or inside a mask.
+
+SSIM uses an 11-voxel gaussian window (sigma 1.5), data range 1, and the usual
+constants (K1 = 0.01, K2 = 0.03); the masked value is the mean of the SSIM map over
+mask voxels. Inputs are numpy arrays or tensors of shape (D, H, W), (1, D, H, W) or
+(B, 1, D, H, W); batched inputs give one value per item.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["ssim", "mse", "ssim_map", "similarity"]
+
+
+def _as_batch(x) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).detach().float().cpu()
+    while t.ndim < 5:
+        t = t.unsqueeze(0)
+    return t
+
+
+def _gaussian_kernel(size: int, sigma: float) -> torch.Tensor:
+    coords = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+def _blur(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Separable gaussian filter with zero padding (callers divide by the blurred ones to renormalise)."""
+    k = kernel.numel()
+    pad = k // 2
+    out = x
+    for dim in range(3):
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + dim] = k
+        padding = [0, 0, 0]
+        padding[dim] = pad
+        out = F.conv3d(out, kernel.view(shape), padding=tuple(padding))
+    return out
+
+
+def ssim_map(a, b, window: int = 11, sigma: float = 1.5, data_range: float = 1.0) -> torch.Tensor:
+    """Voxel-wise SSIM map, (B, 1, D, H, W); border voxels use a renormalised window."""
+    x, y = _as_batch(a), _as_batch(b)
+    if x.shape != y.shape:
+        raise ValueError(f"shape mismatch {tuple(x.shape)} vs {tuple(y.shape)}")
+    kernel = _gaussian_kernel(window, sigma)
+    norm = _blur(torch.ones_like(x[:1]), kernel)  # corrects the zero padding at the borders
+    mu_x, mu_y = _blur(x, kernel) / norm, _blur(y, kernel) / norm
+    sxx = _blur(x * x, kernel) / norm - mu_x**2
+    syy = _blur(y * y, kernel) / norm - mu_y**2
+    sxy = _blur(x * y, kernel) / norm - mu_x * mu_y
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    return ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2))
+
+
+def _reduce(values: torch.Tensor, mask) -> np.ndarray:
+    if mask is None:
+        return values.flatten(1).mean(1).numpy()
+    m = _as_batch(mask) > 0.5
+    m = m.expand_as(values)
+    out = [(v[mm].mean() if mm.any() else torch.tensor(float("nan"))) for v, mm in zip(values, m)]
+    return torch.stack(out).numpy()
+
+
+def _scalar(values: np.ndarray, batched: bool):
+    return values.astype(float) if batched else float(values[0])
+
+
+def ssim(a, b, mask=None, window: int = 11, sigma: float = 1.5) -> float | np.ndarray:
+    """Mean 3D SSIM of ``a`` and ``b`` (whole volume, or inside ``mask`` when given)."""
+    batched = _as_batch(a).shape[0] > 1
+    return _scalar(_reduce(ssim_map(a, b, window, sigma), mask), batched)
+
+
+def mse(a, b, mask=None) -> float | np.ndarray:
+    """Mean squared error (whole volume, or inside ``mask`` when given)."""
+    x, y = _as_batch(a), _as_batch(b)
+    batched = x.shape[0] > 1
+    return _scalar(_reduce((x - y) ** 2, mask), batched)
+
+
+def similarity(a, b, mask=None) -> dict[str, float]:
+    """SSIM and MSE of one pair, whole volume and (if ``mask``) inside the mask."""
+    smap = ssim_map(a, b)
+    sq = (_as_batch(a) - _as_batch(b)) ** 2
+    out = {"ssim": float(smap.mean()), "mse": float(sq.mean())}
+    if mask is not None:
+        out["ssim_mask"] = float(_reduce(smap[:1], mask)[0])
+        out["mse_mask"] = float(_reduce(sq[:1], mask)[0])
+    return out

@@ -1,0 +1,93 @@
+"""Export a training run's checkpoint as a model bundle (EMA weights, metadata, split, metrics)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ldae_bids.model import checkpoint as ckpt
+from ldae_bids.model import data as mdata
+
+log = logging.getLogger("ldae_bids")
+
+INTENSITY = {
+    "percentile": {"range": [0.0, 1.0], "normalisation": "percentile", "percentiles": [0.5, 99.5],
+                   "description": "skull-stripped, bias-corrected T1w on the model grid; the 0.5 and 99.5 "
+                                  "percentiles inside the brain mask map to 0 and 1 (clipped), background 0"},
+    "minmax": {"range": [0.0, 1.0], "normalisation": "minmax",
+               "description": "skull-stripped, bias-corrected T1w on the model grid; per-volume min-max over "
+                              "the brain mask, background 0"},
+}
+
+
+def export_bundle(settings, bundle: Path | None = None) -> Path:
+    """Export the current checkpoint of ``settings.output`` as a bundle (EMA weights)."""
+    from ldae_bids import __version__
+    from ldae_bids.errors import MissingInputError
+    from ldae_bids.model.bundle import save_bundle
+    from ldae_bids.model.networks import build_networks
+    from ldae_bids.model.stage2 import Stage2, make_pipeline
+    from ldae_bids.model.train import images_of
+
+    out = settings.output
+    state = ckpt.read_state(out)
+    if "latent_scale" not in state or not (out / "ldae-weights.safetensors").exists():
+        raise MissingInputError(f"{out}: no stage-2 checkpoint to export yet")
+    model_cfg = dataclasses.replace(settings.model, latent_scale=float(state["latent_scale"]))
+    nets = build_networks(model_cfg)
+    ckpt.load_modules(out, "ae", {"autoencoder": nets["autoencoder"]})
+    ckpt.load_modules(out, "ldae", {"ema": Stage2(nets["semantic_encoder"], nets["denoiser"])})
+    pipeline = make_pipeline(model_cfg, nets["autoencoder"], nets["semantic_encoder"], nets["denoiser"]).eval()
+    split = json.loads((out / "split.json").read_text())
+    train_paths = images_of(split, "train")
+    records = [json.loads(line) for line in (out / "logs" / "train.jsonl").read_text().splitlines() if line]
+    last_val = {}
+    for stage in ("ae", "ldae"):
+        vals = [r for r in records if r.get("stage") == stage and any(k.startswith("val_") for k in r)]
+        if vals:
+            last_val[stage] = vals[-1]
+    losses = {}
+    for stage in ("ae", "ldae"):
+        rec = [r["loss"] for r in records if r.get("stage") == stage and "loss" in r]
+        if rec:
+            losses[stage] = float(np.mean(rec[-10:]))
+    metadata = {
+        "grid": mdata.grid_of(train_paths[0], settings.template),
+        "intensity": INTENSITY.get(settings.normalisation, {"range": [0.0, 1.0],
+                                                            "normalisation": settings.normalisation}),
+        "latent_scale": model_cfg.latent_scale,
+        "training": {
+            "preset": settings.preset,
+            "data": settings.dataset_description,
+            "n_train_subjects": len(split["train"]), "n_val_subjects": len(split["validation"]),
+            "split": {"seed": split["seed"], "train": split["train"], "validation": split["validation"]},
+            "ae_steps": state.get("ae_step"), "ldae_steps": state.get("ldae_step"),
+            "ae_steps_planned": settings.train.ae_steps + settings.train.ae_full_volume_steps,
+            "ldae_steps_planned": settings.train.ldae_steps,
+            "train_config": settings.train.to_dict(),
+            "final_train_loss": losses,
+        },
+        "metrics": {"validation_during_training": last_val},
+        "licence": settings.licence,
+        "versions": {"ldae_bids": __version__, "torch": torch.__version__, "monai": _version("monai")},
+        **settings.extra_metadata,
+    }
+    target = bundle or settings.bundle or (out / "bundle")
+    name = settings.bundle_name or Path(target).name
+    save_bundle(target, pipeline, metadata, name=name)
+    log.info("bundle written to %s", target)
+    return Path(target)
+
+
+def _version(dist_name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist_name)
+    except PackageNotFoundError:
+        return "unknown"

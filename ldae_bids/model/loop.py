@@ -1,0 +1,80 @@
+"""Utilities shared by the training stages: seeded randomness, autocast, learning-rate warm-up,
+CPU threads, wall-clock budgets, JSONL logging and synchronised checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ldae_bids.model import checkpoint as ckpt
+
+log = logging.getLogger("ldae_bids")
+
+
+class JsonlLogger:
+    """Appends one JSON object per line (main process only)."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = Path(path), enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, **record) -> None:
+        if self.enabled:
+            record["time"] = round(time.time(), 3)
+            with self.path.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+
+def rng_for(seed: int, *keys: int) -> np.random.Generator:
+    """A numpy generator determined by (seed, keys): batches are reproducible across resumes."""
+    return np.random.default_rng([seed, *keys])
+
+
+def torch_gen_for(seed: int, *keys: int) -> torch.Generator:
+    """A CPU torch generator determined by (seed, keys)."""
+    return torch.Generator().manual_seed(int(rng_for(seed, *keys).integers(2**62)))
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA, a no-op elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def set_lr(opt: torch.optim.Optimizer, base: float, step: int, warmup: int = 100) -> None:
+    """Linear warm-up over ``warmup`` steps, then constant (stateless, so resumes need nothing)."""
+    for group in opt.param_groups:
+        group["lr"] = base * min(1.0, (step + 1) / warmup)
+
+
+def adapt_threads(enabled: bool) -> None:
+    """Use the CPU cores other processes leave free (1-minute load average); CPU runs only."""
+    if not enabled:
+        return
+    cpus = os.cpu_count() or 1
+    others = os.getloadavg()[0] - torch.get_num_threads()
+    want = int(min(cpus, max(1, round(cpus - others))))
+    if want != torch.get_num_threads():
+        torch.set_num_threads(want)
+        log.info("using %d CPU thread(s)", want)
+
+
+def elapsed_minutes(earlier_seconds: float, start: float) -> float:
+    """Minutes spent in a stage: ``earlier_seconds`` from earlier runs plus this run since ``start``."""
+    return (earlier_seconds + time.time() - start) / 60
+
+
+def checkpoint_all(settings, dist, stage, modules, optimizers, state) -> None:
+    """Checkpoint on the main process, then wait for every process."""
+    from ldae_bids.model.distributed import barrier
+
+    if dist.is_main:
+        ckpt.save_checkpoint(settings.output, stage, modules, optimizers, state)
+    barrier(dist)

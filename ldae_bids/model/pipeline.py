@@ -1,0 +1,193 @@
+"""The LDAE pipeline: autoencoder + semantic encoder + conditional denoiser + DDIM.
+
+All diffusion goes through one visible loop, :meth:`LdaePipeline.ddim`, used both
+for decoding (x_T -> latent) and for the deterministic inversion (latent -> x_T).
+Images are (B, 1, D, H, W) float tensors in [0, 1] on the model grid; latents are
+scaled by ``latent_scale`` (1/std of the training latents) before diffusion.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ldae_bids.model.config import ModelConfig
+from ldae_bids.model.networks import build_networks, build_scheduler
+
+
+@dataclass
+class EncodeOutput:
+    """Codes of a batch of images.
+
+    Attributes
+    ----------
+    y_sem
+        Semantic codes, (B, emb_dim).
+    x_T
+        Stochastic codes from DDIM inversion, (B, *latent_shape); None if not inverted.
+    latent
+        Scaled autoencoder latents, (B, *latent_shape).
+    """
+
+    y_sem: torch.Tensor
+    x_T: torch.Tensor | None
+    latent: torch.Tensor
+
+
+@dataclass
+class ReconstructOutput:
+    """Reconstruction of a batch: images plus the codes that produced them."""
+
+    images: torch.Tensor
+    y_sem: torch.Tensor
+    x_T: torch.Tensor
+
+
+class LdaePipeline(nn.Module):
+    """Encode images to (y_sem, x_T) and decode them back.
+
+    Parameters
+    ----------
+    config
+        Model configuration (network arguments, scheduler, latent scale, image shape).
+    networks
+        Optional ready networks (``autoencoder``, ``semantic_encoder``, ``denoiser``);
+        built fresh from ``config`` when omitted.
+    """
+
+    def __init__(self, config: ModelConfig, networks: dict[str, nn.Module] | None = None):
+        super().__init__()
+        config.validate()
+        self.config = config
+        nets = networks if networks is not None else build_networks(config)
+        self.autoencoder = nets["autoencoder"]
+        self.semantic_encoder = nets["semantic_encoder"]
+        self.denoiser = nets["denoiser"]
+        self.scheduler = build_scheduler(config.scheduler)
+        self.latent_scale = float(config.latent_scale)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def autocast(self):
+        """bf16 autocast on CUDA, nothing on the CPU."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _images(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 5 or images.shape[1] != 1 or tuple(images.shape[2:]) != tuple(self.config.image_shape):
+            raise ValueError(f"expected images (B, 1, {', '.join(map(str, self.config.image_shape))}), "
+                             f"got {tuple(images.shape)}")
+        return images.to(self.device, torch.float32)
+
+    def timesteps(self, steps: int) -> list[int]:
+        """Descending DDIM timesteps for ``steps`` steps (from the scheduler)."""
+        self.scheduler.set_timesteps(int(steps))
+        return [int(t) for t in self.scheduler.timesteps]
+
+    # ------------------------------------------------------------------ autoencoder
+    @torch.no_grad()
+    def encode_latent(self, images: torch.Tensor) -> torch.Tensor:
+        """Scaled autoencoder latents (posterior mean) of ``images``."""
+        with self.autocast():
+            z_mu, _ = self.autoencoder.encode(self._images(images))
+        return z_mu.float() * self.latent_scale
+
+    @torch.no_grad()
+    def decode_latent(self, latent: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] from scaled latents."""
+        with self.autocast():
+            images = self.autoencoder.decode(latent.to(self.device) / self.latent_scale)
+        return images.float().clamp(0.0, 1.0)
+
+    @torch.no_grad()
+    def autoencode(self, images: torch.Tensor) -> torch.Tensor:
+        """Autoencoder-only reconstruction (the ceiling of LDAE reconstructions)."""
+        return self.decode_latent(self.encode_latent(images))
+
+    # ------------------------------------------------------------------ semantic code
+    @torch.no_grad()
+    def encode_semantic(self, images: torch.Tensor) -> torch.Tensor:
+        """y_sem only (one forward pass of the semantic encoder), (B, emb_dim)."""
+        with self.autocast():
+            return self.semantic_encoder(self._images(images)).float()
+
+    # ------------------------------------------------------------------ the sampling loop
+    @torch.no_grad()
+    def ddim(self, x: torch.Tensor, y_sem: torch.Tensor, steps: int, invert: bool = False) -> torch.Tensor:
+        """Deterministic DDIM (eta = 0) between the clean latent and x_T.
+
+        Parameters
+        ----------
+        x
+            Start: x_T when decoding, the clean scaled latent when inverting.
+        y_sem
+            Semantic codes conditioning every step.
+        steps
+            Number of DDIM steps.
+        invert
+            False: x_T -> latent (sampling). True: latent -> x_T (inversion).
+
+        Returns
+        -------
+        torch.Tensor
+            The end of the trajectory, float32.
+        """
+        alphas = self.scheduler.alphas_cumprod.to(self.device, torch.float64)
+        ts = self.timesteps(steps)  # descending, e.g. 999 ... 0
+        # trajectory nodes: None is the clean end (alpha = 1)
+        nodes: list[int | None] = ts + [None]
+        pairs = list(zip(nodes[:-1], nodes[1:]))  # (t, t_next) from noisy to clean
+        if invert:
+            pairs = [(dst, src) for src, dst in reversed(pairs)]  # clean -> noisy
+        x = x.to(self.device, torch.float32)
+        y_sem = y_sem.to(self.device, torch.float32)
+        for src, dst in pairs:
+            t_model = src if src is not None else dst  # the network is evaluated at the noisy node
+            a_src = alphas[src] if src is not None else alphas.new_tensor(1.0)
+            a_dst = alphas[dst] if dst is not None else alphas.new_tensor(1.0)
+            t = torch.full((x.shape[0],), t_model, device=self.device, dtype=torch.long)
+            with self.autocast():
+                eps = self.denoiser(x, t, y_sem).float()
+            x0 = (x - (1 - a_src).sqrt().float() * eps) / a_src.sqrt().float()
+            x = a_dst.sqrt().float() * x0 + (1 - a_dst).sqrt().float() * eps
+        return x
+
+    # ------------------------------------------------------------------ public API
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, invert: bool = True, steps: int = 50) -> EncodeOutput:
+        """Semantic code, scaled latent and (optionally) x_T by DDIM inversion."""
+        latent = self.encode_latent(images)
+        y_sem = self.encode_semantic(images)
+        x_T = self.ddim(latent, y_sem, steps, invert=True) if invert else None
+        return EncodeOutput(y_sem=y_sem, x_T=x_T, latent=latent)
+
+    @torch.no_grad()
+    def decode(self, x_T: torch.Tensor, y_sem: torch.Tensor, steps: int = 50) -> torch.Tensor:
+        """Images in [0, 1] from (x_T, y_sem) by DDIM sampling then the AE decoder."""
+        return self.decode_latent(self.ddim(x_T, y_sem, steps, invert=False))
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor, steps: int = 50) -> ReconstructOutput:
+        """Encode (with inversion) then decode, with the same number of steps."""
+        enc = self.encode(images, invert=True, steps=steps)
+        return ReconstructOutput(images=self.decode(enc.x_T, enc.y_sem, steps), y_sem=enc.y_sem, x_T=enc.x_T)
+
+    def random_x_T(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Standard-normal x_T of the latent shape (drawn on the CPU for reproducibility)."""
+        noise = torch.randn((batch, *self.config.latent_shape), generator=generator)
+        return noise.to(self.device)
+
+    @torch.no_grad()
+    def sample(self, y_sem: torch.Tensor, generator: torch.Generator | None = None, steps: int = 50,
+               x_T: torch.Tensor | None = None) -> torch.Tensor:
+        """Images from semantic codes alone: random x_T (from ``generator``), then :meth:`decode`."""
+        if x_T is None:
+            x_T = self.random_x_T(y_sem.shape[0], generator)
+        return self.decode(x_T, y_sem, steps)

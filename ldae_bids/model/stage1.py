@@ -1,0 +1,145 @@
+"""Stage 1: the KL autoencoder (L1 + KL, optional SSIM and patch-adversarial terms).
+
+Random patches first (cheap, many views per volume), then a short whole-volume phase so
+the GroupNorm statistics match inference on full volumes. Resumes from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from ldae_bids.model import checkpoint as ckpt
+from ldae_bids.model import data as mdata
+from ldae_bids.model import loop
+
+log = logging.getLogger("ldae_bids")
+
+
+@torch.no_grad()
+def validate_autoencoder(ae: nn.Module, val_store, device, limit: int = 4) -> dict:
+    """Mean whole-volume SSIM/MSE of the autoencoder on up to ``limit`` validation volumes."""
+    from ldae_bids.metrics import similarity
+
+    if val_store is None or len(val_store) == 0:
+        return {}
+    was_training = ae.training
+    ae.eval()
+    scores = []
+    for i in range(min(limit, len(val_store))):
+        x = val_store.batch([i]).to(device)
+        with loop.autocast(device):
+            recon = ae.decode(ae.encode(x)[0]).float().clamp(0, 1)
+        scores.append(similarity(recon.cpu(), x.cpu()))
+    ae.train(was_training)
+    return {f"val_{k}": float(np.mean([s[k] for s in scores])) for k in scores[0]}
+
+
+@torch.no_grad()
+def init_log_var(ae: nn.Module, value: float) -> None:
+    """Start the posterior log-variance at ``value`` (MONAI starts at 0, i.e. sigma = 1).
+
+    With the tiny KL weight the encoder has to learn to shrink sigma before the decoder
+    sees a clean latent, which costs many steps; starting small skips that phase.
+    """
+    conv = ae.quant_conv_log_sigma.conv
+    conv.weight.zero_()
+    conv.bias.fill_(value)
+
+
+def train_autoencoder(settings, dist, store, val_store, state, logger) -> nn.Module:
+    """Stage 1; resumes from the checkpoint when ``state`` points into it. Returns the autoencoder."""
+    from ldae_bids.model.distributed import wrap
+    from ldae_bids.model.losses import AutoencoderLoss, discriminator_loss
+    from ldae_bids.model.networks import build_autoencoder
+
+    tc, device = settings.train, dist.device
+    torch.manual_seed(tc.seed)
+    ae = build_autoencoder(settings.model.autoencoder).to(device)
+    if tc.ae_init_log_var is not None:
+        init_log_var(ae, tc.ae_init_log_var)
+    modules: dict[str, nn.Module] = {"autoencoder": ae}
+    opt_g = torch.optim.Adam(ae.parameters(), lr=tc.ae_lr)
+    optimizers = {"autoencoder": opt_g}
+    disc = None
+    if tc.adv_weight > 0:
+        from monai.networks.nets import PatchDiscriminator
+
+        disc = PatchDiscriminator(spatial_dims=3, num_layers_d=tc.disc_layers, channels=tc.disc_channels,
+                                  in_channels=1, out_channels=1, norm="INSTANCE").to(device)
+        modules["discriminator"] = disc
+        optimizers["discriminator"] = torch.optim.Adam(disc.parameters(), lr=tc.disc_lr)
+    full_steps = tc.ae_full_volume_steps if tc.ae_patch_size else 0
+    patch_end = int(state.get("ae_patch_end", tc.ae_steps))
+    total = int(state.get("ae_end", patch_end + full_steps))
+    step = int(state.get("ae_step", 0))
+    if step > 0:
+        ckpt.load_modules(settings.output, "ae", modules)
+        ckpt.load_optimizers(settings.output, "ae", optimizers)
+        log.info("autoencoder: resuming at step %d / %d", step, total)
+    if step >= total:
+        return ae
+    model = wrap(ae, dist)
+    dmodel = wrap(disc, dist) if disc is not None else None
+    loss_fn = AutoencoderLoss(tc.kl_weight, tc.ssim_weight, tc.adv_weight)
+    ae.train()
+    t0 = start = time.time()
+    seconds0 = state.get("ae_seconds", 0.0)
+    while step < total:
+        if tc.ae_max_minutes and loop.elapsed_minutes(seconds0, start) > tc.ae_max_minutes \
+                and (tc.ae_patch_size is None or step < patch_end):
+            # time budget spent: end the patch phase now (whole-volume phase still runs)
+            patch_end = step if tc.ae_patch_size else patch_end
+            total = step + full_steps if tc.ae_patch_size else step
+            state.update(ae_patch_end=patch_end, ae_end=total)
+            log.info("autoencoder: time budget reached at step %d, %d whole-volume steps follow", step,
+                     total - step)
+            if step >= total:
+                break
+        rng = loop.rng_for(tc.seed, 1, dist.rank, step)
+        full = tc.ae_patch_size is None or step >= patch_end
+        bs = tc.ae_batch_size if not full or tc.ae_patch_size is None else max(1, tc.ae_batch_size // 2)
+        x = store.batch(rng.integers(0, len(store), bs))
+        if not full:
+            x = mdata.random_patches(x, tc.ae_patch_size, rng)
+        x = x.to(device)
+        loop.set_lr(opt_g, tc.ae_lr, step)
+        adv = disc is not None and step >= tc.adv_start
+        with loop.autocast(device):
+            recon, z_mu, z_sigma = model(x)
+            fake_logits = None
+            if adv:
+                disc.requires_grad_(False)
+                fake_logits = disc(recon.contiguous())
+        loss, parts = loss_fn(recon, x, z_mu, z_sigma, fake_logits)
+        opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ae.parameters(), tc.grad_clip)
+        opt_g.step()
+        if adv:
+            disc.requires_grad_(True)
+            opt_d = optimizers["discriminator"]
+            with loop.autocast(device):
+                logits = dmodel(torch.cat([x, recon.detach()]).contiguous())
+                real, fake = [lg[: x.shape[0]] for lg in logits], [lg[x.shape[0]:] for lg in logits]
+            d_loss = discriminator_loss(real, fake)
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            opt_d.step()
+            parts["disc"] = float(d_loss.detach())
+        step += 1
+        if step % tc.log_every == 0 or step == total:
+            loop.adapt_threads(settings.auto_threads)
+            logger(stage="ae", step=step, loss=float(loss.detach()), full_volume=full,
+                   sec_per_step=round((time.time() - t0) / tc.log_every, 3), **parts)
+            t0 = time.time()
+        if dist.is_main and (step % tc.val_every == 0 or step == total):
+            logger(stage="ae", step=step, **validate_autoencoder(ae, val_store, device))
+        if step % tc.checkpoint_every == 0 or step == total:
+            state.update(stage="ae", ae_step=step, ae_seconds=seconds0 + time.time() - start)
+            loop.checkpoint_all(settings, dist, "ae", modules, optimizers, state)
+    return ae

@@ -1,0 +1,159 @@
+"""Stage 2: cached scaled latents, then the semantic encoder and the y_sem-conditioned denoiser,
+trained jointly on the epsilon-prediction loss with an EMA copy. Resumes from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from ldae_bids.model import checkpoint as ckpt
+from ldae_bids.model import loop
+from ldae_bids.model.config import ModelConfig
+
+log = logging.getLogger("ldae_bids")
+
+
+class Stage2(nn.Module):
+    """Semantic encoder + denoiser as one module (one DDP wrapper, one EMA)."""
+
+    def __init__(self, semantic_encoder: nn.Module, denoiser: nn.Module):
+        super().__init__()
+        self.semantic_encoder, self.denoiser = semantic_encoder, denoiser
+
+    def forward(self, images: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.denoiser(noisy, t, self.semantic_encoder(images))
+
+
+@torch.no_grad()
+def encode_all(ae: nn.Module, store, device, batch: int = 2) -> torch.Tensor:
+    """Unscaled posterior-mean latents of every volume of ``store`` (CPU tensor)."""
+    ae.eval()
+    out = []
+    for i in range(0, len(store), batch):
+        x = store.batch(range(i, min(i + batch, len(store)))).to(device)
+        with loop.autocast(device):
+            out.append(ae.encode(x)[0].float().cpu())
+    return torch.cat(out)
+
+
+def prepare_latents(settings, dist, ae, store, val_store, state) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Scaled train/validation latents and the latent scale (1 / std of training latents), cached."""
+    from safetensors.torch import load_file, save_file
+
+    from ldae_bids.model.distributed import barrier
+
+    path = settings.output / "latents.safetensors"
+    stale = not path.exists() or load_file(str(path))["train"].shape[0] != len(store)
+    if "latent_scale" not in state or stale:
+        if dist.is_main:
+            train = encode_all(ae, store, dist.device)
+            val = encode_all(ae, val_store, dist.device) if val_store is not None and len(val_store) else train[:0]
+            scale = float(1.0 / train.std())
+            save_file({"train": (train * scale).contiguous(), "val": (val * scale).contiguous(),
+                       "scale": torch.tensor([scale])}, str(path))
+            log.info("latent scale factor %.4f (1 / std of %d training latents)", scale, len(train))
+        barrier(dist)
+    saved = load_file(str(path))
+    scale = float(saved["scale"][0])
+    state.update(latent_scale=scale)
+    return saved["train"], saved["val"], scale
+
+
+def make_pipeline(model_cfg: ModelConfig, ae, semantic_encoder, denoiser):
+    """A pipeline around existing networks (no copy)."""
+    from ldae_bids.model.pipeline import LdaePipeline
+
+    return LdaePipeline(model_cfg, {"autoencoder": ae, "semantic_encoder": semantic_encoder, "denoiser": denoiser})
+
+
+@torch.no_grad()
+def validate_ldae(pipeline, val_store, steps: int, seed: int, limit: int = 2) -> dict:
+    """SSIM/MSE of LDAE reconstructions (inverted x_T) and of y_sem-only samples on validation volumes."""
+    from ldae_bids.metrics import similarity
+
+    if val_store is None or len(val_store) == 0:
+        return {}
+    x = val_store.batch(range(min(limit, len(val_store)))).to(pipeline.device)
+    rec = pipeline.reconstruct(x, steps=steps)
+    smp = pipeline.sample(rec.y_sem, torch.Generator().manual_seed(seed), steps=steps)
+    out: dict[str, list] = {}
+    for i in range(x.shape[0]):
+        for key, img in (("recon", rec.images), ("sample", smp)):
+            for k, v in similarity(img[i].cpu(), x[i].cpu()).items():
+                out.setdefault(f"val_{key}_{k}", []).append(v)
+    return {k: float(np.mean(v)) for k, v in out.items()}
+
+
+def train_ldae(settings, dist, store, val_store, ae, latents, scale, state, logger):
+    """Stage 2: semantic encoder + conditional denoiser, jointly, with EMA. Returns the EMA Stage2 module."""
+    from ldae_bids.model.distributed import wrap
+    from ldae_bids.model.ema import Ema
+    from ldae_bids.model.losses import diffusion_loss
+    from ldae_bids.model.networks import build_networks, build_scheduler
+
+    tc, device = settings.train, dist.device
+    model_cfg = dataclasses.replace(settings.model, latent_scale=scale)
+    torch.manual_seed(tc.seed + 1)
+    nets = build_networks(model_cfg)
+    stage2 = Stage2(nets["semantic_encoder"], nets["denoiser"]).to(device)
+    ema = Ema(stage2, tc.ema_decay)
+    opt = torch.optim.AdamW(stage2.parameters(), lr=tc.ldae_lr, weight_decay=0.0)
+    step = int(state.get("ldae_step", 0))
+    total = int(state.get("ldae_end", tc.ldae_steps))
+    modules = {"stage2": stage2, "ema": ema.module}
+    if step > 0:
+        ckpt.load_modules(settings.output, "ldae", modules)
+        ckpt.load_optimizers(settings.output, "ldae", {"ldae": opt})
+        log.info("ldae: resuming at step %d / %d", step, total)
+    if step >= total:
+        return ema.module
+    model = wrap(stage2, dist)
+    scheduler = build_scheduler(model_cfg.scheduler)
+    ae.eval().requires_grad_(False)
+    stage2.train()
+    t0 = start = time.time()
+    seconds0 = state.get("ldae_seconds", 0.0)
+    while step < total:
+        if tc.ldae_max_minutes and loop.elapsed_minutes(seconds0, start) > tc.ldae_max_minutes:
+            total = step
+            log.info("ldae: time budget reached at step %d", step)
+            state.update(stage="ldae", ldae_step=step, ldae_end=total,
+                         ldae_seconds=seconds0 + time.time() - start)
+            loop.checkpoint_all(settings, dist, "ldae", modules, {"ldae": opt}, state)
+            break
+        rng = loop.rng_for(tc.seed, 2, dist.rank, step)
+        idx = rng.integers(0, len(store), tc.ldae_batch_size)
+        images = store.batch(idx).to(device)
+        z0 = latents[torch.as_tensor(idx)].to(device)
+        gen = loop.torch_gen_for(tc.seed, 3, dist.rank, step)
+        noise = torch.randn(z0.shape, generator=gen).to(device)
+        t = torch.randint(0, scheduler.num_train_timesteps, (z0.shape[0],), generator=gen).to(device)
+        noisy = scheduler.add_noise(z0, noise, t)
+        loop.set_lr(opt, tc.ldae_lr, step)
+        with loop.autocast(device):
+            eps = model(images, noisy, t)
+        loss = diffusion_loss(eps, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(stage2.parameters(), tc.grad_clip)
+        opt.step()
+        ema.update(stage2, step)
+        step += 1
+        if step % tc.log_every == 0 or step == total:
+            loop.adapt_threads(settings.auto_threads)
+            logger(stage="ldae", step=step, loss=float(loss.detach()), grad_norm=float(gnorm),
+                   sec_per_step=round((time.time() - t0) / tc.log_every, 3))
+            t0 = time.time()
+        if dist.is_main and (step % tc.val_every == 0 or step == total):
+            pipe = make_pipeline(model_cfg, ae, ema.module.semantic_encoder, ema.module.denoiser)
+            logger(stage="ldae", step=step, **validate_ldae(pipe, val_store, tc.val_steps, tc.seed))
+        if step % tc.checkpoint_every == 0 or step == total:
+            state.update(stage="ldae", ldae_step=step, ldae_seconds=seconds0 + time.time() - start)
+            loop.checkpoint_all(settings, dist, "ldae", modules, {"ldae": opt}, state)
+    return ema.module

@@ -1,0 +1,171 @@
+"""Two-stage training of the LDAE on model-ready images, resumable and DDP-ready.
+
+The stages live in :mod:`stage1` and :mod:`stage2`, the export in :mod:`export`.
+Stage 1 trains the KL autoencoder (random patches, then whole volumes); the training
+latents then give the latent scale (1 / std) and are cached; stage 2 trains the
+semantic encoder and the conditional denoiser jointly (EMA kept). Everything lands
+in one output folder::
+
+    split.json            subject-level train / validation split (seeded)
+    state.json, *.safetensors, *-optim.pt   the checkpoint (see checkpoint.py)
+    latents.safetensors   scaled training/validation latents (stage 2 input)
+    logs/train.jsonl      one JSON record per logged step / validation
+    logs/config-<id>.json the run settings
+    report/*.png          loss curves, reconstructions, samples
+    bundle/               the exported model bundle
+
+Rerunning the same command resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ldae_bids.model import checkpoint as ckpt
+from ldae_bids.model import data as mdata
+from ldae_bids.model.config import ModelConfig, TrainConfig, json_ready
+
+log = logging.getLogger("ldae_bids")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything one training run needs, built once by the CLI."""
+
+    inputs: tuple[Path, ...]
+    output: Path
+    model: ModelConfig
+    train: TrainConfig
+    preset: str = "compact"
+    template: str = "MNI152NLin2009cAsym"
+    bundle: Path | None = None
+    bundle_name: str | None = None
+    device: str | None = None
+    auto_threads: bool = False
+    normalisation: str = "percentile"
+    dataset_description: str = ""
+    licence: str = "CC-BY-SA-3.0"
+    extra_metadata: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["inputs"] = [str(p) for p in self.inputs]
+        d["output"] = str(self.output)
+        d["bundle"] = str(self.bundle) if self.bundle else None
+        d["model"] = self.model.to_dict()
+        d["train"] = self.train.to_dict()
+        return json_ready(d)
+
+
+def prepare_split(settings: TrainSettings, is_main: bool) -> dict:
+    """Load or create the subject-level split (kept across resumes)."""
+    path = settings.output / "split.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    images = mdata.find_images(list(settings.inputs))
+    subjects = [mdata.subject_of(p) for p in images]
+    train, val = mdata.split_subjects(subjects, settings.train.val_fraction, settings.train.seed)
+    split = {
+        "seed": settings.train.seed,
+        "val_fraction": settings.train.val_fraction,
+        "train": train,
+        "validation": val,
+        "images": {s: [str(p) for p, q in zip(images, subjects) if q == s] for s in sorted(set(subjects))},
+    }
+    if is_main:
+        settings.output.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(split, indent=2))
+    return split
+
+
+def images_of(split: dict, which: str) -> list[Path]:
+    """Images of the subjects of one side of the split (subjects without images are skipped)."""
+    return [Path(p) for s in split[which] for p in split["images"].get(s, [])]
+
+
+def save_settings(settings: TrainSettings) -> None:
+    """Write the run settings to ``settings.json`` and ``logs/config-<run id>.json``."""
+    text = json.dumps(settings.to_dict(), indent=2)
+    (settings.output / "logs").mkdir(parents=True, exist_ok=True)
+    (settings.output / "settings.json").write_text(text)
+    run_id = time.strftime("%Y%m%d-%H%M%S")
+    (settings.output / "logs" / f"config-{run_id}.json").write_text(text)
+
+
+def load_settings(output: Path) -> TrainSettings:
+    """Settings of an earlier run in ``output`` (for export / resume)."""
+    from ldae_bids.errors import MissingInputError
+
+    path = Path(output) / "settings.json"
+    if not path.exists():
+        raise MissingInputError(f"{path}: no training run here")
+    d = json.loads(path.read_text())
+    return TrainSettings(
+        inputs=tuple(Path(p) for p in d["inputs"]), output=Path(d["output"]),
+        model=ModelConfig.from_dict(d["model"], str(path)), train=TrainConfig.from_dict(d["train"], str(path)),
+        preset=d["preset"], template=d["template"], bundle=Path(d["bundle"]) if d.get("bundle") else None,
+        bundle_name=d.get("bundle_name"), device=d.get("device"),
+        normalisation=d.get("normalisation", "percentile"),
+        dataset_description=d.get("dataset_description", ""), licence=d.get("licence", "CC-BY-SA-3.0"),
+        extra_metadata=d.get("extra_metadata", {}),
+    )
+
+
+def run_training(settings: TrainSettings) -> Path | None:
+    """Train both stages (resuming if possible), write the report, export the bundle.
+
+    Returns
+    -------
+    Path or None
+        The bundle folder (on the main process), None elsewhere.
+    """
+    from ldae_bids.errors import InputError
+    from ldae_bids.model import distributed
+    from ldae_bids.model.export import export_bundle
+    from ldae_bids.model.loop import JsonlLogger
+    from ldae_bids.model.stage1 import train_autoencoder
+    from ldae_bids.model.stage2 import prepare_latents, train_ldae
+
+    dist = distributed.setup(settings.device)
+    try:
+        settings.output.mkdir(parents=True, exist_ok=True)
+        split = prepare_split(settings, dist.is_main)
+        distributed.barrier(dist)
+        split = json.loads((settings.output / "split.json").read_text())
+        train_paths, val_paths = images_of(split, "train"), images_of(split, "validation")
+        grid = mdata.grid_of(train_paths[0], settings.template)
+        if tuple(grid["shape"]) != tuple(settings.model.image_shape):
+            raise InputError(f"{train_paths[0]}: shape {grid['shape']} does not match the {settings.preset} "
+                             f"preset grid {list(settings.model.image_shape)}")
+        if dist.is_main:
+            save_settings(settings)
+        logger = JsonlLogger(settings.output / "logs" / "train.jsonl", dist.is_main)
+        log.info("training on %d images (%d subjects), validating on %d images (%d subjects)",
+                 len(train_paths), len(split["train"]), len(val_paths), len(split["validation"]))
+        store = mdata.VolumeStore(train_paths, settings.model.image_shape)
+        val_store = mdata.VolumeStore(val_paths, settings.model.image_shape) if val_paths else None
+        state = ckpt.read_state(settings.output)
+        ae = train_autoencoder(settings, dist, store, val_store, state, logger)
+        latents, val_latents, scale = prepare_latents(settings, dist, ae, store, val_store, state)
+        if dist.is_main:
+            ckpt.write_state(settings.output, state)
+        train_ldae(settings, dist, store, val_store, ae, latents, scale, state, logger)
+        if not dist.is_main:
+            return None
+        state.update(stage="done")
+        ckpt.write_state(settings.output, state)
+        bundle = export_bundle(settings)
+        try:
+            from ldae_bids.model.report import write_report
+
+            write_report(settings.output, bundle, val_paths)
+        except Exception as exc:  # the report must never cost the model
+            log.warning("training report failed: %s", exc)
+        return bundle
+    finally:
+        distributed.cleanup(dist)

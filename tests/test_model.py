@@ -1,0 +1,191 @@
+"""Model: configs, pipeline (encode / invert / decode), bundles, metrics. Tiny nets, CPU, fixed seeds."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ldae_bids.errors import ModelError
+from ldae_bids.model.config import ModelConfig, preset
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_pipeline(seed: int = 0):
+    """A tiny pipeline whose zero-initialised output layers are given small random weights."""
+    from ldae_bids.model.pipeline import LdaePipeline
+
+    torch.manual_seed(seed)
+    cfg, _ = preset("tiny")
+    pipe = LdaePipeline(cfg).eval()
+    with torch.no_grad():
+        for name, p in pipe.denoiser.named_parameters():
+            if "conv_out" in name or "conv2" in name or "out." in name:
+                p.normal_(0, 0.02)
+    return pipe
+
+
+def images(n: int = 2, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand((n, 1, 16, 16, 16), generator=g)
+
+
+# ---------------------------------------------------------------------------- configs
+def test_presets_describe_the_grids():
+    compact, _ = preset("compact")
+    paper, _ = preset("paper")
+    assert compact.image_shape == (80, 96, 80) and compact.latent_shape == (3, 20, 24, 20)
+    assert paper.image_shape == (128, 160, 128) and paper.latent_shape == (3, 16, 20, 16)
+    assert paper.autoencoder.channels == (64, 128, 128, 128) and paper.semantic_encoder.emb_dim == 768
+    assert compact.semantic_encoder.emb_dim == 512
+
+
+def test_config_round_trip_and_unknown_keys():
+    cfg, _ = preset("tiny")
+    assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    bad = cfg.to_dict()
+    bad["denoiser"]["wings"] = 2
+    with pytest.raises(ModelError, match="wings"):
+        ModelConfig.from_dict(bad)
+    with pytest.raises(ModelError, match="unknown preset"):
+        preset("huge")
+
+
+# ---------------------------------------------------------------------------- pipeline
+def test_encode_decode_shapes():
+    pipe = tiny_pipeline()
+    x = images(3)
+    enc = pipe.encode(x, steps=5)
+    assert enc.y_sem.shape == (3, 16)
+    assert enc.x_T.shape == enc.latent.shape == (3, *pipe.config.latent_shape)
+    assert pipe.encode(x, invert=False).x_T is None
+    assert torch.allclose(pipe.encode_semantic(x), enc.y_sem)
+    out = pipe.decode(enc.x_T, enc.y_sem, steps=5)
+    assert out.shape == x.shape and 0 <= out.min() and out.max() <= 1
+    assert pipe.autoencode(x).shape == x.shape
+    rec = pipe.reconstruct(x, steps=5)
+    assert rec.images.shape == x.shape and rec.x_T.shape == enc.x_T.shape
+    with pytest.raises(ValueError, match="expected images"):
+        pipe.encode(torch.rand(1, 1, 8, 8, 8))
+
+
+def test_inversion_then_decoding_reproduces_the_latent():
+    pipe = tiny_pipeline()
+    x = images(2)
+    errors = {}
+    for steps in (10, 100):
+        enc = pipe.encode(x, steps=steps)
+        back = pipe.ddim(enc.x_T, enc.y_sem, steps)
+        errors[steps] = float((back - enc.latent).abs().max() / enc.latent.abs().max())
+    assert errors[100] < 0.02
+    assert errors[100] <= errors[10] + 1e-6
+
+
+def test_sampling_is_deterministic_under_a_seed():
+    pipe = tiny_pipeline()
+    y = pipe.encode_semantic(images(2))
+    a = pipe.sample(y, torch.Generator().manual_seed(3), steps=4)
+    b = pipe.sample(y, torch.Generator().manual_seed(3), steps=4)
+    c = pipe.sample(y, torch.Generator().manual_seed(4), steps=4)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# ---------------------------------------------------------------------------- bundles
+META = {"grid": {"shape": [16, 16, 16], "spacing": 2.0, "affine": np.eye(4).tolist(), "template": "test"},
+        "licence": "CC-BY-SA-3.0"}
+
+
+def test_bundle_round_trip(tmp_path):
+    from ldae_bids.model.bundle import load_bundle, save_bundle
+
+    pipe = tiny_pipeline()
+    digest = save_bundle(tmp_path / "b", pipe, META, dtype=torch.float32)
+    files = {p.name for p in (tmp_path / "b").iterdir()}
+    assert {"config.json", "model.safetensors", "metadata.json", "checksums.json", "LICENSE", "README.md"} <= files
+    assert "IXI" in (tmp_path / "b" / "LICENSE").read_text()
+    mb = load_bundle(tmp_path / "b")
+    assert mb.content_hash == digest and mb.name == "b" and mb.config == pipe.config
+    assert mb.metadata["grid"]["shape"] == [16, 16, 16]
+    x = images(1)
+    assert torch.allclose(mb.pipeline.encode_semantic(x), pipe.encode_semantic(x))
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    y = pipe.encode_semantic(x)
+    assert torch.allclose(mb.pipeline.sample(y, g(), steps=3), pipe.sample(y, g(), steps=3), atol=1e-6)
+    # same content, same hash
+    assert save_bundle(tmp_path / "b2", pipe, META, name="b", dtype=torch.float32) == digest
+
+
+def test_corrupted_bundles_are_refused(tmp_path):
+    import shutil
+
+    from ldae_bids.model.bundle import load_bundle, save_bundle, write_checksums
+
+    save_bundle(tmp_path / "ok", tiny_pipeline(), META)
+
+    def copy(name):
+        shutil.copytree(tmp_path / "ok", tmp_path / name)
+        return tmp_path / name
+
+    flipped = copy("flipped")
+    raw = bytearray((flipped / "model.safetensors").read_bytes())
+    raw[-10] ^= 0xFF
+    (flipped / "model.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(ModelError, match="model.safetensors.*sha256"):
+        load_bundle(flipped)
+
+    missing = copy("missing")
+    (missing / "metadata.json").unlink()
+    with pytest.raises(ModelError, match="metadata.json: missing"):
+        load_bundle(missing)
+
+    # a consistent hash but weights that do not fit the config
+    shape = copy("shape")
+    cfg = json.loads((shape / "config.json").read_text())
+    cfg["semantic_encoder"]["channels"] = [4, 12]
+    (shape / "config.json").write_text(json.dumps(cfg))
+    write_checksums(shape)
+    with pytest.raises(ModelError, match="semantic_encoder.*shape"):
+        load_bundle(shape)
+
+    unknown = copy("unknown")
+    cfg = json.loads((unknown / "config.json").read_text())
+    cfg["autoencoder"]["flux_capacitor"] = True
+    (unknown / "config.json").write_text(json.dumps(cfg))
+    write_checksums(unknown)
+    with pytest.raises(ModelError, match="flux_capacitor"):
+        load_bundle(unknown)
+
+    with pytest.raises(ModelError, match="not found"):
+        load_bundle(tmp_path / "nowhere")
+
+
+def test_default_bundle_path_points_into_the_package():
+    from ldae_bids.model.bundle import default_bundle_path
+
+    path = default_bundle_path()
+    assert path.name == "ldae-compact-ixi" and path.parent.name == "models"
+
+
+# ---------------------------------------------------------------------------- metrics
+def test_metrics():
+    from ldae_bids.metrics import mse, similarity, ssim
+
+    a = images(1)[0, 0].numpy()
+    b = np.clip(a + 0.05, 0, 1)
+    mask = np.zeros_like(a)
+    mask[4:12, 4:12, 4:12] = 1
+    assert ssim(a, a) == pytest.approx(1.0, abs=1e-5) and mse(a, a) == 0
+    assert 0 < ssim(a, b) < 1 and mse(a, b) > 0
+    s = similarity(a, b, mask)
+    assert set(s) == {"ssim", "mse", "ssim_mask", "mse_mask"}
+    batched = ssim(images(2), images(2, seed=1))
+    assert batched.shape == (2,)

@@ -1,0 +1,120 @@
+"""Model training: resume from a checkpoint, and DDP with two gloo processes (tiny preset, CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    """Six synthetic 'model-ready' subjects on a 16^3 grid (a derivatives-like folder)."""
+    import nibabel as nib
+
+    root = tmp_path_factory.mktemp("deriv")
+    rng = np.random.default_rng(0)
+    zz, yy, xx = np.meshgrid(*[np.linspace(-1, 1, 16)] * 3, indexing="ij")
+    for i in range(6):
+        r = 0.6 + 0.2 * rng.random()
+        d = zz**2 + yy**2 + xx**2
+        img = np.where(d < r**2, 0.5 + 0.3 * np.cos(5 * d + rng.random()), 0).astype(np.float32)
+        anat = root / f"sub-{i:02d}" / "anat"
+        anat.mkdir(parents=True)
+        nib.save(nib.Nifti1Image(img, np.diag([2.0, 2, 2, 1])), anat / f"sub-{i:02d}_desc-preproc_T1w.nii.gz")
+    return root
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "logs" / "train.jsonl").read_text().splitlines()]
+
+
+def run_cli(args: list[str]):
+    from ldae_bids.cli.train import app
+
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_training_exports_a_bundle_and_resumes(synth, tmp_path):
+    from ldae_bids.model.bundle import load_bundle
+
+    out = tmp_path / "train"
+    base = [str(synth), "-o", str(out), "--preset", "tiny", "--threads", "1", "--ae-steps", "4",
+            "--ae-full-volume-steps", "1", "--checkpoint-every", "2", "--val-every", "100"]
+    run_cli(base + ["--ldae-steps", "3"])
+    state = json.loads((out / "state.json").read_text())
+    assert state["stage"] == "done" and state["ae_step"] == 5 and state["ldae_step"] == 3
+    split = json.loads((out / "split.json").read_text())
+    assert len(split["validation"]) == 1 and not set(split["train"]) & set(split["validation"])
+    mb = load_bundle(out / "bundle")
+    assert mb.metadata["training"]["split"]["validation"] == split["validation"]
+    assert mb.metadata["latent_scale"] == pytest.approx(state["latent_scale"])
+    assert (out / "report" / "loss_curves.png").exists()
+
+    # more stage-2 steps: continues from step 3, the autoencoder is not retrained
+    n_before = len(records(out))
+    run_cli(base + ["--ldae-steps", "6"])
+    new = records(out)[n_before:]
+    assert new and all(r["stage"] == "ldae" for r in new)
+    assert [r["step"] for r in new if "loss" in r] == [4, 5, 6]
+    assert json.loads((out / "state.json").read_text())["ldae_step"] == 6
+
+
+def test_checkpoint_weights_reload_exactly(synth, tmp_path):
+    from ldae_bids.model import checkpoint as ckpt
+    from ldae_bids.model.config import preset
+    from ldae_bids.model.networks import build_autoencoder
+
+    out = tmp_path / "t"
+    run_cli([str(synth), "-o", str(out), "--preset", "tiny", "--threads", "1", "--ae-steps", "2",
+             "--ae-full-volume-steps", "0", "--ldae-steps", "1", "--val-every", "100"])
+    cfg, _ = preset("tiny")
+    a, b = build_autoencoder(cfg.autoencoder), build_autoencoder(cfg.autoencoder)
+    ckpt.load_modules(out, "ae", {"autoencoder": a})
+    ckpt.load_modules(out, "ae", {"autoencoder": b})
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    opt = torch.optim.Adam(a.parameters())
+    ckpt.load_optimizers(out, "ae", {"autoencoder": opt})
+    assert opt.state_dict()["state"]  # Adam moments came back (weights_only load)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_gloo(synth, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "ldae_bids.cli.train", str(synth), "-o", str(out),
+           "--preset", "tiny", "--device", "cpu", "--ae-steps", "3", "--ae-full-volume-steps", "1",
+           "--ldae-steps", "3", "--checkpoint-every", "2", "--val-every", "100"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = json.loads((out / "state.json").read_text())
+    assert state["ae_step"] == 4 and state["ldae_step"] == 3 and state["stage"] == "done"
+    assert (out / "bundle" / "model.safetensors").exists()
+    losses = [r for r in records(out) if "loss" in r]
+    assert len(losses) == 7  # one logger (rank 0) only
