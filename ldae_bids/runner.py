@@ -69,6 +69,7 @@ class Runner:
             payload["model"] = self.resources.model_hash
         if stage.uses_grid:
             payload["grid"] = self.resources.grid.to_dict()
+            payload["intensity"] = self.resources.intensity
         return make_key(payload)
 
     def _context(self, stage: Stage) -> StageContext:

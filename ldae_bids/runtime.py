@@ -84,6 +84,23 @@ class Resources:
         return grid
 
     @cached_property
+    def intensity(self) -> dict[str, Any]:
+        """How preprocessing must treat intensities so inputs match the model's training data.
+
+        ``{"normalisation": "percentile" | "minmax", "bias_correction": "n4" | None}`` from the
+        bundle's ``metadata.json`` (``intensity``); without a bundle, the app's defaults
+        (percentile scaling, N4 when SimpleITK is installed).
+        """
+        try:
+            spec = dict(self.model_metadata.get("intensity") or {})
+        except ModelError:
+            if self.settings.model is not None:
+                raise
+            spec = {}
+        bias = spec["bias_correction"] if "bias_correction" in spec else "n4"
+        return {"normalisation": spec.get("normalisation", "percentile"), "bias_correction": bias}
+
+    @cached_property
     def template_mask_on_grid(self):
         """The template brain mask resampled to the model grid (for QC figures), or None."""
         import nibabel as nib

@@ -189,3 +189,25 @@ def test_metrics():
     assert set(s) == {"ssim", "mse", "ssim_mask", "mse_mask"}
     batched = ssim(images(2), images(2, seed=1))
     assert batched.shape == (2,)
+
+
+def test_preprocessing_follows_the_bundles_intensity_spec(tmp_path):
+    """The preprocess stage applies the normalisation and bias correction the model was trained with."""
+    import json
+    from types import SimpleNamespace
+
+    from ldae_bids.model.export import intensity_spec
+    from ldae_bids.runtime import Resources
+
+    spec = intensity_spec("minmax", None)
+    assert spec["bias_correction"] is None and "not bias-corrected" in spec["description"]
+    assert intensity_spec("percentile", "n4")["percentiles"] == [0.5, 99.5]
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "metadata.json").write_text(json.dumps({"intensity": spec}))
+    res = Resources(SimpleNamespace(model=bundle))
+    assert res.intensity == {"normalisation": "minmax", "bias_correction": None}
+    # an older bundle without the key: the app's defaults
+    (bundle / "metadata.json").write_text(json.dumps({"intensity": {"normalisation": "percentile"}}))
+    assert Resources(SimpleNamespace(model=bundle)).intensity == {"normalisation": "percentile",
+                                                                  "bias_correction": "n4"}

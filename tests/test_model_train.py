@@ -69,6 +69,8 @@ def test_training_exports_a_bundle_and_resumes(synth, tmp_path):
     mb = load_bundle(out / "bundle")
     assert mb.metadata["training"]["split"]["validation"] == split["validation"]
     assert mb.metadata["latent_scale"] == pytest.approx(state["latent_scale"])
+    assert mb.metadata["intensity"]["normalisation"] == "percentile"
+    assert mb.metadata["intensity"]["bias_correction"] is None
     assert (out / "report" / "loss_curves.png").exists()
 
     # more stage-2 steps: continues from step 3, the autoencoder is not retrained

@@ -50,6 +50,9 @@ def train(
     data_description: Annotated[str, typer.Option(help="Training data, for the bundle metadata.")] = "",
     normalisation: Annotated[str, typer.Option(
         help="Intensity normalisation of the inputs, recorded in the bundle: percentile or minmax.")] = "percentile",
+    bias_correction: Annotated[str, typer.Option(
+        help="Bias-field correction the inputs had, recorded in the bundle (the preprocess stage then "
+             "applies the same): none or n4.")] = "none",
     licence: Annotated[str, typer.Option(help="Licence of the trained weights.")] = "unspecified",
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (default: CUDA if present).")] = None,
     threads: Annotated[Optional[str], typer.Option(
@@ -80,6 +83,8 @@ def train(
             if not threads.isdigit() or int(threads) < 1:
                 raise UsageError("--threads must be a positive number or 'auto'")
             torch.set_num_threads(int(threads))
+        if bias_correction not in ("none", "n4"):
+            raise UsageError("--bias-correction must be none or n4")
         if val_fraction is not None and not 0 <= val_fraction < 1:
             raise UsageError("--val-fraction must be in [0, 1)")
         model_cfg, train_cfg = get_preset(preset)
@@ -87,7 +92,8 @@ def train(
             inputs=tuple(inputs), output=output, model=model_cfg,
             train=dataclasses.replace(train_cfg, **overrides), preset=preset, template=template,
             bundle=bundle, bundle_name=bundle_name, device=device, auto_threads=threads == "auto",
-            normalisation=normalisation, dataset_description=data_description, licence=licence)
+            normalisation=normalisation, bias_correction=None if bias_correction == "none" else bias_correction,
+            dataset_description=data_description, licence=licence)
         if export_only and (output / "settings.json").exists():
             # the run's own settings (data description, licence...), only the target may change
             saved = load_settings(output)

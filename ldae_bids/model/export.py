@@ -15,14 +15,23 @@ from ldae_bids.model import data as mdata
 
 log = logging.getLogger("ldae_bids")
 
-INTENSITY = {
-    "percentile": {"range": [0.0, 1.0], "normalisation": "percentile", "percentiles": [0.5, 99.5],
-                   "description": "skull-stripped, bias-corrected T1w on the model grid; the 0.5 and 99.5 "
-                                  "percentiles inside the brain mask map to 0 and 1 (clipped), background 0"},
-    "minmax": {"range": [0.0, 1.0], "normalisation": "minmax",
-               "description": "skull-stripped, bias-corrected T1w on the model grid; per-volume min-max over "
-                              "the brain mask, background 0"},
-}
+def intensity_spec(normalisation: str, bias_correction: str | None) -> dict:
+    """The bundle's ``intensity`` entry: what preprocessing must do so inputs match training.
+
+    ``normalisation`` and ``bias_correction`` are read back by the ``preprocess`` stage, which
+    applies exactly them (see :meth:`ldae_bids.runtime.Resources.intensity`).
+    """
+    bias = None if bias_correction in (None, "none") else bias_correction
+    done = "N4 bias-corrected" if bias == "n4" else "not bias-corrected"
+    how = {
+        "percentile": "the 0.5 and 99.5 percentiles inside the brain mask map to 0 and 1 (clipped)",
+        "minmax": "per-volume min-max over the brain mask",
+    }.get(normalisation, normalisation)
+    spec = {"range": [0.0, 1.0], "normalisation": normalisation, "bias_correction": bias,
+            "description": f"skull-stripped T1w on the model grid ({done}); {how}, background 0"}
+    if normalisation == "percentile":
+        spec["percentiles"] = [0.5, 99.5]
+    return spec
 
 
 def export_bundle(settings, bundle: Path | None = None) -> Path:
@@ -58,8 +67,7 @@ def export_bundle(settings, bundle: Path | None = None) -> Path:
             losses[stage] = float(np.mean(rec[-10:]))
     metadata = {
         "grid": mdata.grid_of(train_paths[0], settings.template),
-        "intensity": INTENSITY.get(settings.normalisation, {"range": [0.0, 1.0],
-                                                            "normalisation": settings.normalisation}),
+        "intensity": intensity_spec(settings.normalisation, settings.bias_correction),
         "latent_scale": model_cfg.latent_scale,
         "training": {
             "preset": settings.preset,

@@ -48,6 +48,7 @@ class TrainSettings:
     device: str | None = None
     auto_threads: bool = False
     normalisation: str = "percentile"
+    bias_correction: str | None = None
     dataset_description: str = ""
     licence: str = "CC-BY-SA-3.0"
     extra_metadata: dict = field(default_factory=dict)
@@ -110,7 +111,7 @@ def load_settings(output: Path) -> TrainSettings:
         model=ModelConfig.from_dict(d["model"], str(path)), train=TrainConfig.from_dict(d["train"], str(path)),
         preset=d["preset"], template=d["template"], bundle=Path(d["bundle"]) if d.get("bundle") else None,
         bundle_name=d.get("bundle_name"), device=d.get("device"),
-        normalisation=d.get("normalisation", "percentile"),
+        normalisation=d.get("normalisation", "percentile"), bias_correction=d.get("bias_correction"),
         dataset_description=d.get("dataset_description", ""), licence=d.get("licence", "CC-BY-SA-3.0"),
         extra_metadata=d.get("extra_metadata", {}),
     )

@@ -1,9 +1,12 @@
 """N4 bias-field correction (SimpleITK), fitted inside the brain mask.
 
-Measured on IXI (benchmarks/results/preprocess.md, N4 study): N4 halves the white-matter
-intensity CV within subjects and raises the NCC to the template, so it is on by default.
-SimpleITK is optional at import time: without it, preprocessing falls back to no
-correction with a warning, and the sidecar parameters say so.
+Optional: SimpleITK is not a dependency of the app. The ``preprocess`` stage applies the
+correction the model bundle records in ``metadata.json`` (``intensity.bias_correction``), so
+inputs are treated like the model's training data; the shipped compact model was trained
+without N4. ``benchmarks/bench_preprocess.py --n4-study N`` measures what N4 changes on
+the IXI data (white-matter uniformity, NCC to the template) before a model is trained with it.
+Without SimpleITK, a request for N4 falls back to no correction with a warning, and the
+sidecar parameters say so.
 """
 
 from __future__ import annotations

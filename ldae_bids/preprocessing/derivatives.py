@@ -29,7 +29,7 @@ def _find(ses, roots, suffix: str) -> Path | None:
     return None
 
 
-def from_derivatives(ses, roots, grid, device="cpu"):
+def from_derivatives(ses, roots, grid, device="cpu", normalisation: str = "percentile"):
     """A :class:`~ldae_bids.preprocessing.PreprocResult` from existing template-space derivatives."""
     from ldae_bids.preprocessing import PreprocResult, load_t1w, normalise, resample_to_grid
 
@@ -47,7 +47,7 @@ def from_derivatives(ses, roots, grid, device="cpu"):
     import torch
 
     on_grid, mask_grid = resample_to_grid(data, mask, img.affine, np.eye(4), grid, torch.device(device))
-    normed, info = normalise(on_grid, mask_grid)
+    normed, info = normalise(on_grid, mask_grid, method=normalisation)
     affine = np.asarray(grid.affine, dtype=float)
     return PreprocResult(
         image=nib.Nifti1Image(normed, affine),

@@ -31,13 +31,16 @@ class PreprocessStage(Stage):
 
         grid = ctx.grid
         sessions = [ses for unit in units for ses in unit.sessions]
+        intensity = ctx.resources.intensity
         if ctx.settings.derivatives:
             from ldae_bids.preprocessing.derivatives import from_derivatives
 
-            results = [from_derivatives(ses, ctx.settings.derivatives, grid) for ses in sessions]
+            results = [from_derivatives(ses, ctx.settings.derivatives, grid, normalisation=intensity["normalisation"])
+                       for ses in sessions]
         else:
             images = [load_t1w(ses.t1w) for ses in sessions]
-            results = preprocess_batch(images, grid, device=ctx.device)
+            results = preprocess_batch(images, grid, device=ctx.device, normalisation=intensity["normalisation"],
+                                       bias_correction=intensity["bias_correction"])
         for ses, res in zip(sessions, results):
             if isinstance(res, BaseException):
                 raise res

@@ -1,0 +1,63 @@
+"""benchmarks/bench_speed.py on the tiny preset: report structure, composition arithmetic, shared DDIM loop."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_speed", REPO / "benchmarks" / "bench_speed.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_compose_adds_fixed_costs_and_steps():
+    bench = _bench()
+    costs = {"semantic_encoder": 1.0, "ae_encoder": 2.0, "ae_decoder": 3.0, "ldae_step": 0.5, "image_step": 5.0}
+    out = bench.compose(costs, 10)
+    assert out["ldae"]["encode"] == pytest.approx(2.0 + 1.0 + 5.0)
+    assert out["ldae"]["decode"] == pytest.approx(5.0 + 3.0)
+    assert out["image_space"]["encode"] == pytest.approx(1.0 + 50.0)
+    assert out["image_space"]["reconstruct"] == pytest.approx(101.0)
+    assert out["ratio"]["decode"] == pytest.approx(50.0 / 8.0)
+
+
+def test_image_space_baseline_runs_the_same_loop_on_voxels():
+    import torch
+
+    bench = _bench()
+    pipe, img = bench.build("tiny", None, torch.device("cpu"))
+    assert img.semantic_encoder is pipe.semantic_encoder
+    assert img.denoiser.conv_in.in_channels == 1
+    # the same widths as the latent denoiser, only the input channels differ
+    assert img.denoiser.conv_in.out_channels == pipe.denoiser.conv_in.out_channels
+    x = torch.rand(1, 1, *pipe.config.image_shape)
+    with torch.no_grad():
+        y = img.semantic_encoder(x)
+    x_T = img.ddim(x, y, 5, invert=True)
+    assert x_T.shape == x.shape
+    # freshly initialised denoisers predict zero noise: inversion then sampling returns the input
+    assert torch.allclose(img.ddim(x_T, y, 5), x, atol=1e-4)
+
+
+def test_report_on_the_tiny_preset(tmp_path):
+    bench = _bench()
+    assert bench.main(["--grids", "tiny", "--batch", "1", "2", "--steps", "2", "4", "--repeats", "1",
+                       "--check-steps", "2", "--threads", "1", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "speed.json").read_text())
+    (grid,) = report["grids"]
+    assert grid["grid"] == "tiny" and [b["batch"] for b in grid["batches"]] == [1, 2]
+    for b in grid["batches"]:
+        assert set(b["per_call_s"]) == {"semantic_encoder", "ae_encoder", "ae_decoder", "ldae_step", "image_step"}
+        assert all(v > 0 for v in b["per_call_s"].values())
+        assert [s["steps"] for s in b["steps"]] == [2, 4]
+    assert grid["check"]["steps"] == 2 and grid["check"]["measured"]["ldae"] > 0
+    md = (tmp_path / "speed.md").read_text()
+    assert "image-space" in md and "| 4 | reconstruct |" in md
