@@ -57,7 +57,8 @@ def markdown(result: dict) -> str:
         f"Bundle `{result['bundle']['name']}` (content hash `{result['bundle']['content_hash'][:16]}...`), "
         f"{result['n_subjects']} validation subjects of its own subject-level split, data `{result['data']}`.",
         f"Device: {result['environment']['device']}, torch threads {result['environment']['threads']}; "
-        f"{result['date']}.", "",
+        f"{result['date']}; batch {result.get('batch_size', 1)} (seconds per subject = batch time / batch).", "",
+        f"Command: `{result.get('command', '')}`", "",
         "Similarity to the input image ([0, 1] intensities; mean ± sd over subjects; 'mask' = inside the brain mask).",
         "", "| method | SSIM | SSIM (mask) | MSE | MSE (mask) | s / subject | paper SSIM |",
         "|---|---|---|---|---|---|---|",
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--random-steps", type=int, default=50)
     ap.add_argument("--limit", type=int, default=None, help="at most this many validation subjects")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=4, help="subjects per batch (seconds are per subject)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
@@ -121,27 +123,32 @@ def main(argv: list[str] | None = None) -> int:
     names = {"ae": "autoencoder only", **{f"ldae_{n}": f"LDAE, inverted x_T, {n} steps" for n in steps},
              "random": f"LDAE, y_sem + random x_T, {args.random_steps} steps"}
     rows = []
-    for i, (label, img_path, mask_path) in enumerate(pairs):
-        x = torch.from_numpy(load_volume(img_path, mb.config.image_shape))[None, None]
-        mask = load_volume(mask_path, mb.config.image_shape) > 0.5 if mask_path else None
-        methods = {}
+    bs = max(1, args.batch_size)
+    for start in range(0, len(pairs), bs):
+        chunk = pairs[start:start + bs]
+        x = torch.stack([torch.from_numpy(load_volume(p, mb.config.image_shape))[None] for _, p, _ in chunk])
+        masks = [load_volume(m, mb.config.image_shape) > 0.5 if m else None for _, _, m in chunk]
+        methods: list[dict] = [{} for _ in chunk]
 
         def score(name, fn):
             t = time.time()
             out = fn()
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
-            methods[name] = {**similarity(out[0, 0].cpu().numpy(), x[0, 0].numpy(), mask),
-                             "seconds": time.time() - t}
+            seconds = (time.time() - t) / len(chunk)  # batch time shared by its subjects
+            for j in range(len(chunk)):
+                methods[j][name] = {**similarity(out[j, 0].cpu().numpy(), x[j, 0].numpy(), masks[j]),
+                                    "seconds": seconds}
 
         score("ae", lambda: pipe.autoencode(x))
         for n in steps:
             score(f"ldae_{n}", lambda n=n: pipe.reconstruct(x, steps=n).images)
-        gen = torch.Generator().manual_seed(args.seed + i)
+        gen = torch.Generator().manual_seed(args.seed + start)
         score("random", lambda: pipe.sample(pipe.encode_semantic(x), gen, steps=args.random_steps))
-        rows.append({"subject": label, "methods": methods})
-        print(f"[{i + 1}/{len(pairs)}] sub-{label}: " + ", ".join(
-            f"{k} {v['ssim']:.4f}" for k, v in methods.items()), flush=True)
+        for j, (label, _, _) in enumerate(chunk):
+            rows.append({"subject": label, "methods": methods[j]})
+            print(f"[{start + j + 1}/{len(pairs)}] sub-{label}: " + ", ".join(
+                f"{k} {v['ssim']:.4f}" for k, v in methods[j].items()), flush=True)
     result = {
         "benchmark": "reconstruction",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -153,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         "steps": steps,
         "random_steps": args.random_steps,
         "seed": args.seed,
+        "batch_size": args.batch_size,
+        "command": "python benchmarks/bench_reconstruction.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "environment": {"device": torch.cuda.get_device_name(0) if device.startswith("cuda")
                         else f"CPU ({platform.machine()})", "threads": torch.get_num_threads(),
                         "torch": torch.__version__},
