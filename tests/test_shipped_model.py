@@ -63,7 +63,9 @@ def test_readme_main_job_on_two_ixi_subjects(ixi, tmp_path):
         anat = out / f"sub-{sub}" / "anat"
         stem = f"sub-{sub}_space-MNI152NLin2009cAsym"
         ysem = (anat / f"{stem}_desc-ysem_features.tsv").read_text().splitlines()
-        assert len(ysem) == 2 and len(ysem[1].split("\t")) == 512
+        header, row = ysem[0].split("\t"), ysem[1].split("\t")
+        assert len(ysem) == 2 and header[0] == "participant_id" and row[0] == f"sub-{sub}"
+        assert sum(h.startswith("ysem_") for h in header) == 512 and len(row) == len(header)
         assert (anat / f"{stem}_desc-xt_xt.safetensors").is_file()
         side = json.loads((anat / f"{stem}_res-2_desc-reconstruction_T1w.json").read_text())
         # a trained model reconstructs the brain it was given (a random one scores near 0)
