@@ -38,7 +38,7 @@ GROUP_PATTERNS = [
 _LABEL = re.compile(r"^[A-Za-z0-9]+$")
 _FREE_ENTITIES = {"suffix", "extension", "datatype"}
 
-BIDSIGNORE = ["logs", "group", "*_xfm.txt", "*_features.tsv", "*_features.json", "*_xt.safetensors",
+BIDSIGNORE = ["logs", "group", "*_xfm.txt", "*_xfm.json", "*_features.tsv", "*_features.json", "*_xt.safetensors",
               "*_xt.json", "*_probe.json", "*_predictions.tsv", "*_predictions.json", "*_metrics.tsv",
               "*_metrics.json", "*.html", "figures"]  # no trailing '/': bids-validator 3 ignores such folders
 
