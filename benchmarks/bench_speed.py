@@ -317,13 +317,19 @@ def main(argv=None) -> int:
                                       "image_space": largest_batch(img_step, device)}
         report["grids"].append(entry)
         del pipe, img_dae
+        write(report, args.out, device)  # after every grid: a run cut short keeps what it measured
+    print(markdown(report))
+    return 0
+
+
+def write(report: dict, out: Path, device) -> None:
+    import torch
+
     report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.type == "cuda":
         report["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    (args.out / "speed.json").write_text(json.dumps(report, indent=1))
-    (args.out / "speed.md").write_text(markdown(report))
-    print(markdown(report))
-    return 0
+    (out / "speed.json").write_text(json.dumps(report, indent=1))
+    (out / "speed.md").write_text(markdown(report))
 
 
 if __name__ == "__main__":
