@@ -4,7 +4,9 @@ Optional: SimpleITK is not a dependency of the app. The ``preprocess`` stage app
 correction the model bundle records in ``metadata.json`` (``intensity.bias_correction``), so
 inputs are treated like the model's training data; the shipped compact model was trained
 without N4. ``benchmarks/bench_preprocess.py --n4-study N`` measures what N4 changes on
-the IXI data (white-matter uniformity, NCC to the template) before a model is trained with it.
+the IXI data: on 16 subjects (benchmarks/results/n4_study.json) it halves the white-matter
+intensity CV (median 0.149 -> 0.078) and raises the NCC to the template (0.462 -> 0.558) in every
+subject, for about 5 s per subject on 2 CPU cores; the next trained model should use it.
 Without SimpleITK, a request for N4 falls back to no correction with a warning, and the
 sidecar parameters say so.
 """
