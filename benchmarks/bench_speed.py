@@ -35,7 +35,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import platform
 import resource
 import sys
 import time
@@ -46,24 +45,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_preprocess import device_name  # noqa: E402  (one description of the machine for all benchmarks)
 
 OPS = ("encode", "decode", "reconstruct")
-
-
-def device_name(device) -> str:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu} ({torch.get_num_threads()} torch threads)"
 
 
 class ImageSpaceDae:
