@@ -229,6 +229,7 @@ def import_preprocessed(cache: Path, bids: Path, out: Path, subjects: dict[str, 
     n_new, missing = 0, []
     for sub, t1 in subjects.items():
         img_src = cache / f"sub-{sub}_desc-preproc_T1w.nii.gz"
+        qc_src = cache / f"sub-{sub}_desc-preproc_T1w.json"
         mask_src = cache / f"sub-{sub}_desc-brain_mask.nii.gz"
         if not (img_src.is_file() and mask_src.is_file()):
             missing.append(sub)
@@ -247,7 +248,8 @@ def import_preprocessed(cache: Path, bids: Path, out: Path, subjects: dict[str, 
             "Description": desc, "SkullStripped": True,
             "Resolution": {grid.res_label: f"{grid.spacing:g} mm isotropic, {'x'.join(map(str, grid.shape))} voxels "
                                            f"on {grid.template}"},
-            "IntensityNormalisation": params.get("normalisation")}, sources=[t1])
+            "IntensityNormalisation": params.get("normalisation"),
+            **({"QC": json.loads(qc_src.read_text()).get("QC", {})} if qc_src.is_file() else {})}, sources=[t1])
         writer.write_nifti(nib.load(str(mask_src)), outputs.brain_mask_grid(ses, grid.res_label),
                            {"Type": "Brain", "Resolution": {grid.res_label: f"{grid.spacing:g} mm isotropic"}},
                            sources=[path])
@@ -312,7 +314,7 @@ def _result_rows(res, target) -> list[dict]:
 
 
 def subset_probes(out: Path, bids: Path, baseline: Path | None, targets, validation: list[str], train: list[str],
-                  seed: int) -> dict:
+                  seed: int, covariates: str | None = None) -> dict:
     """The probe on the bundle's validation subjects: CV within them; fit on training subjects, score them."""
     import pandas as pd
 
@@ -325,6 +327,9 @@ def subset_probes(out: Path, bids: Path, baseline: Path | None, targets, validat
     keys = [(p, None) for p in table["participant_id"]]
     tt = read_target_table(bids / "participants.tsv", bids)
     base = read_feature_table(baseline, keys)[0] if baseline else None
+    cov = None
+    if covariates:
+        cov = table[[c.strip() for c in covariates.split(",")]].apply(pd.to_numeric, errors="coerce").to_numpy(float)
     val = np.isin(subs, validation)
     trn = np.isin(subs, train)
     result = {"validation_subjects_embedded": int(val.sum()), "training_subjects_embedded": int(trn.sum()),
@@ -339,7 +344,8 @@ def subset_probes(out: Path, bids: Path, baseline: Path | None, targets, validat
         # (a) cross-validation within the validation subjects, exactly as the probe stage does on all rows
         try:
             res = fit_probe(X[val], y_raw[val], subs[val], kind=kind, seed=seed, n_boot=N_BOOT, target=target,
-                            baseline_features=None if base is None else base[val])
+                            baseline_features=None if base is None else base[val],
+                            covariates=None if cov is None else cov[val])
             result["validation_cv"] += _result_rows(res, target)
         except Exception as exc:  # noqa: BLE001 - small subsets can be infeasible; say so
             result["notes"].append(f"{target}: validation-only CV not possible ({type(exc).__name__}: {exc})")
@@ -405,15 +411,18 @@ def _train_to_validation(X, y_raw, subs, trn, val, base, target, kind, seed) -> 
 
 def run_group(args, app: App, out: Path, labels: list[str], bundle: dict) -> dict:
     extra = ["--baseline-features", str(args.baseline_features)] if args.baseline_features else []
+    if args.covariates:
+        extra += ["--stage-option", f"probe.covariates={args.covariates}"]
     call = app("group-probe", args.bids, out, "group", "--participant-label", *labels, "--stages", "probe",
                "--targets", *args.targets, *extra)
     rows = metrics_table(out / "group" / "desc-probes_metrics.tsv")
-    res = {"wall_seconds": call["wall_seconds"], "metrics_all_subjects": rows,
+    res = {"wall_seconds": call["wall_seconds"], "metrics_all_subjects": rows, "covariates": args.covariates,
            "probe_files": sorted(str(p) for p in (out / "group").glob("target-*_desc-probe_probe.json"))}
     t0 = time.perf_counter()
     try:
         res["validation_subjects"] = subset_probes(out, args.bids, args.baseline_features, args.targets,
-                                                   bundle["validation"], bundle["train"], args.seed)
+                                                   bundle["validation"], bundle["train"], args.seed,
+                                                   args.covariates)
     except BenchError:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -592,8 +601,8 @@ def _ci(d: dict | None, fmt: str = "{:.3f}") -> str:
 
 def _probe_table(rows: list[dict], title: str) -> list[str]:
     lines = ["| target | metric | y_sem probe | trivial | ROI volumes (classical) | probe - trivial "
-             "| probe - classical |",
-             "|---|---|---|---|---|---|---|"]
+             "| probe - classical | y_sem + covariates | covariates alone |",
+             "|---|---|---|---|---|---|---|---|---|"]
     wanted = [("age", "mae"), ("age", "rmse"), ("age", "pearson_r"), ("age", "r2"), ("sex", "auroc"),
               ("sex", "balanced_accuracy")]
     targets = sorted({r["target"] for r in rows})
@@ -601,7 +610,8 @@ def _probe_table(rows: list[dict], title: str) -> list[str]:
         metrics = [m for t, m in wanted if t == target] or sorted({r["metric"] for r in rows if r["target"] == target})
         for m in metrics:
             cells = [_ci(pick(rows, target, mod, m)) for mod in ("probe", "trivial", "classical", "probe-trivial",
-                                                                 "probe-classical")]
+                                                                 "probe-classical", "probe+covariates",
+                                                                 "covariates")]
             lines.append(f"| {target} | {m} | " + " | ".join(cells) + " |")
     n = {(r["target"]): r.get("n_subjects") or r.get("n_rows_test") for r in rows}
     return [f"**{title}** (subjects: " + ", ".join(f"{k} {v}" for k, v in n.items()) + ")", ""] + lines + [""]
@@ -637,7 +647,10 @@ def markdown(rep: dict) -> str:
         L += ["## 2. Probes (group level)", "",
               "Linear probes on y_sem, 5-fold subject-grouped CV, 95% subject-bootstrap intervals, paired "
               "differences on the same folds and draws (for MAE a negative difference favours the probe). "
-              "Classical baseline: the same probe on the DLMUSE ROI volumes.", ""]
+              "Classical baseline: the same probe on the DLMUSE ROI volumes. Covariates "
+              f"({g.get('covariates') or 'none'}): the affine to the template removes head size from y_sem; "
+              "`probe.covariates` puts the preprocess stage's native brain-mask volume back next to y_sem "
+              "(same folds).", ""]
         L += _probe_table(g["metrics_all_subjects"], "All subjects (the model was trained on most of them: "
                           "see the validation-subject rows below)")
         v = g.get("validation_subjects", {})
@@ -760,6 +773,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bids", type=Path, default=REPO.parent / "shared" / "data" / "ixi")
     ap.add_argument("--model", type=Path, default=None, help="model bundle (default: the shipped one)")
+    ap.add_argument("--covariates", default="brain_volume_ml",
+                    help="probe.covariates for the group part ('' for none): columns of the group y_sem table")
     ap.add_argument("--work", type=Path, required=True, help="work folder (outputs, simulated data, logs; reused)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--preprocessed", type=Path, default=None,

@@ -350,6 +350,8 @@ def main(argv=None) -> int:
             if args.save_dir:
                 nib.save(res.image, str(args.save_dir / f"{sub}_desc-preproc_T1w.nii.gz"))
                 nib.save(res.mask_grid, str(args.save_dir / f"{sub}_desc-brain_mask.nii.gz"))
+                # the QC block the preprocess stage puts in its sidecar (brain volume: a probe covariate)
+                (args.save_dir / f"{sub}_desc-preproc_T1w.json").write_text(json.dumps({"QC": res.qc}, indent=1))
             print(
                 f"{sub}: dice_dlmuse={rec.get('bet_dice_vs_dlmuse', float('nan')):.4f} "
                 f"ncc={rec['ncc_to_template']:.3f} dice_tpl={rec['mask_dice_to_template']:.3f} "

@@ -14,7 +14,7 @@ from ldae_bids.bids.writer import DerivativesWriter
 from ldae_bids.cli.main import main
 
 
-def _plant(bids, out, n, dim=16, seed=0, signal=True):
+def _plant(bids, out, n, dim=16, seed=0, signal=True, volume=False):
     rng = np.random.default_rng(seed)
     parts = pd.read_csv(bids / "participants.tsv", sep="\t")
     w = DerivativesWriter(out, bids)
@@ -29,6 +29,10 @@ def _plant(bids, out, n, dim=16, seed=0, signal=True):
         path.parent.mkdir(parents=True, exist_ok=True)
         df = pd.DataFrame([{"participant_id": f"sub-{label}", **{f"ysem_{i:03d}": v for i, v in enumerate(y)}}])
         df.to_csv(path, sep="\t", index=False)
+        if volume:  # the preprocess sidecar's QC, with a brain volume that carries sex
+            side = w.path(**outputs.preproc_t1w(ses, "2"), extension=".json")
+            ml = 1100 + (150 if row["sex"] == "M" else 0) + rng.normal(0, 20)
+            side.write_text(json.dumps({"QC": {"brain_volume_ml": ml}}))
 
 
 @pytest.fixture
@@ -60,6 +64,31 @@ def test_probe_stage_finds_planted_signal_and_beats_trivial(cohort, tmp_path):
     assert main([str(cohort), str(out), "group", "--targets", "age", "sex", "--stage-option", "probe.n_boot=200",
                  "-w", str(tmp_path / "w")]) == 0
     assert (out / "logs" / "stamps" / "group" / "probe.json").read_text() == stamp
+
+
+def test_brain_volume_covariate(cohort, tmp_path):
+    """collect-embeddings carries the preprocess brain volume; probe.covariates adds it to y_sem."""
+    out = tmp_path / "out"
+    _plant(cohort, out, 40, signal=False, volume=True)
+    assert main([str(cohort), str(out), "group", "--targets", "sex", "--stage-option", "probe.n_boot=100",
+                 "--stage-option", "probe.covariates=brain_volume_ml", "-w", str(tmp_path / "w")]) == 0
+    table = pd.read_csv(out / "group" / "desc-ysem_features.tsv", sep="\t")
+    assert list(table.columns[:2]) == ["participant_id", "brain_volume_ml"] and table.brain_volume_ml.notna().all()
+    m = pd.read_csv(out / "group" / "desc-probes_metrics.tsv", sep="\t")
+    auc = m[m.metric == "auroc"].set_index("model")["value"]
+    assert auc["probe+covariates"] > 0.9 and auc["covariates"] > 0.9 and auc["probe"] < 0.8
+    oof = pd.read_csv(out / "group" / "target-sex_desc-oof_predictions.tsv", sep="\t")
+    assert "probe+covariates_p_M" in oof.columns
+
+
+def test_unknown_covariate_is_a_usage_error(cohort, tmp_path, capsys):
+    out = tmp_path / "out"
+    _plant(cohort, out, 40)
+    rc = main([str(cohort), str(out), "group", "--targets", "sex", "--stage-option", "probe.covariates=icv",
+               "-w", str(tmp_path / "w")])
+    assert rc == 64
+    crash = next((out / "logs").glob("crash-*-probe.txt")).read_text()
+    assert "no column icv for probe.covariates" in crash and "desc-ysem_features.tsv" in crash
 
 
 def test_probe_on_noise_is_not_better_than_chance(cohort, tmp_path):

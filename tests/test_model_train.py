@@ -120,3 +120,42 @@ def test_ddp_two_processes_gloo(synth, tmp_path):
     assert (out / "bundle" / "model.safetensors").exists()
     losses = [r for r in records(out) if "loss" in r]
     assert len(losses) == 7  # one logger (rank 0) only
+
+
+def test_init_from_bundle_fine_tunes(synth, tmp_path):
+    """--init-from starts a new run from a bundle's weights; its training subjects stay in training."""
+    from safetensors.torch import load_file
+
+    from ldae_bids.model.bundle import load_bundle
+
+    first = tmp_path / "first"
+    common = ["--preset", "tiny", "--threads", "1", "--checkpoint-every", "2", "--val-every", "100"]
+    run_cli([str(synth), "-o", str(first), *common, "--ae-steps", "3", "--ae-full-volume-steps", "1",
+             "--ldae-steps", "2", "--val-fraction", "0.3"])
+    old = load_bundle(first / "bundle")
+    # stage 1 gets no steps: the new bundle's autoencoder must be exactly the old one
+    second = tmp_path / "second"
+    run_cli([str(synth), "-o", str(second), *common, "--ae-steps", "0", "--ae-patch-size", "0",
+             "--ldae-steps", "2", "--val-fraction", "0.5", "--seed", "7", "--init-from", str(first / "bundle")])
+    new = load_bundle(second / "bundle")
+    a, b = load_file(str(first / "bundle" / "model.safetensors")), load_file(str(second / "bundle" / "model.safetensors"))
+    ae_keys = [k for k in a if k.startswith("autoencoder.")]
+    assert ae_keys and all(torch.equal(a[k], b[k]) for k in ae_keys)
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("denoiser."))  # stage 2 did train
+    split = new.metadata["training"]["split"]
+    assert split["train"] == old.metadata["training"]["split"]["train"]  # other seed and fraction, same sides
+    assert split["validation"] == old.metadata["training"]["split"]["validation"]
+    assert new.metadata["training"]["init_from"]["content_hash"] == old.content_hash
+
+
+def test_init_from_other_preset_is_refused(synth, tmp_path):
+    from ldae_bids.cli.train import app
+
+    first = tmp_path / "first"
+    run_cli([str(synth), "-o", str(first), "--preset", "tiny", "--threads", "1", "--ae-steps", "1",
+             "--ae-full-volume-steps", "1", "--ldae-steps", "1", "--val-every", "100"])
+    result = CliRunner().invoke(app, [str(synth), "-o", str(tmp_path / "x"), "--preset", "compact",
+                                      "--init-from", str(first / "bundle")])
+    assert result.exit_code != 0
+    assert "bundle networks differ" in result.output and str(first / "bundle") in result.output
+    assert not (tmp_path / "x" / "split.json").exists()

@@ -317,3 +317,22 @@ def test_positive_class_orders_classes():
     r = fit_probe(X, y, groups, n_boot=0, positive_class="AD")
     assert r.classes == ["CN", "AD"]
     assert np.mean(r.probe.predict(X) == y) > 0.8
+
+
+def test_covariates_add_models_in_the_same_folds():
+    """A covariate carrying signal absent from X: 'probe+covariates' beats 'probe'; the probe stays on X."""
+    rng, X, groups, score = _data(3)
+    subj_cov = rng.normal(size=N_SUB)
+    cov = np.repeat(subj_cov, N_SES)  # a per-subject quantity, like brain volume
+    y = 60 + 4 * score + 8 * cov + rng.normal(0, 1, size=score.size)
+    cov_nan = cov.copy()
+    cov_nan[::17] = np.nan  # missing values are imputed inside the training folds
+    res = fit_probe(X, y, groups, seed=0, n_boot=100, target="age", covariates=cov_nan[:, None])
+    assert set(res.models) == {"probe", "trivial", "covariates", "probe+covariates"}
+    mae = {k: v.metrics["mae"].value for k, v in res.models.items()}
+    assert mae["probe+covariates"] < 0.7 * mae["probe"]
+    assert mae["probe+covariates"] < 0.7 * mae["covariates"]
+    assert "probe-probe+covariates" in res.deltas
+    assert res.probe.coef.shape[-1] == DIM  # the saved direction is in y_sem space only
+    with pytest.raises(UsageError, match="covariates has"):
+        fit_probe(X, y, groups, n_boot=0, covariates=cov[:5, None])

@@ -556,6 +556,7 @@ def fit_probe(
     class_weight: str | None = None,
     ci_level: float = 0.95,
     feature_name: str = "y_sem",
+    covariates=None,
 ) -> ProbeResult:
     """Cross-validate a linear probe with baselines, then refit it on all rows.
 
@@ -578,6 +579,10 @@ def fit_probe(
         Subject bootstrap draws for the intervals (0 disables intervals).
     baseline_features : array (n, k), optional
         Classical features for the same rows (NaN allowed: imputed with the training-fold median).
+    covariates : array (n, c), optional
+        Per-row covariates (e.g. brain volume, which the affine to the template removes from y_sem;
+        NaN imputed in the training folds). Adds two models in the same folds: "covariates" alone
+        and "probe+covariates" (y_sem and covariates together). The saved probe stays on y_sem only.
     target : str
         Name of the target, stored in the result and the probe.
     inner_splits, alphas, Cs
@@ -592,7 +597,8 @@ def fit_probe(
     Returns
     -------
     ProbeResult
-        ``models`` has "probe", "trivial" and, with ``baseline_features``, "classical";
+        ``models`` has "probe", "trivial", with ``baseline_features`` "classical", with ``covariates``
+        "covariates" and "probe+covariates";
         ``deltas["probe-trivial"]`` etc. are paired differences; ``probe`` is the refit :class:`Probe`.
     """
     if kind not in {"auto", "regression", "classification"}:
@@ -602,11 +608,11 @@ def fit_probe(
     # Hundreds of tiny fits: thread pools only add spin-wait overhead (50x slower on a busy node).
     with threadpool_limits(limits=1):
         return _fit_probe(X, y, groups, kind, n_splits, seed, n_boot, baseline_features, target, inner_splits,
-                          alphas, Cs, max_classes, positive_class, class_weight, ci_level, feature_name)
+                          alphas, Cs, max_classes, positive_class, class_weight, ci_level, feature_name, covariates)
 
 
 def _fit_probe(X, y, groups, kind, n_splits, seed, n_boot, baseline_features, target, inner_splits, alphas, Cs,
-               max_classes, positive_class, class_weight, ci_level, feature_name) -> ProbeResult:
+               max_classes, positive_class, class_weight, ci_level, feature_name, covariates=None) -> ProbeResult:
     values, numeric = clean_target(y)
     n_all = values.size
     groups_all = np.asarray([str(g) for g in groups], dtype=object)
@@ -614,6 +620,7 @@ def _fit_probe(X, y, groups, kind, n_splits, seed, n_boot, baseline_features, ta
         raise UsageError(f"groups has {groups_all.size} entries for {n_all} targets")
     X_all = _as_features(X, feature_name, n_all)
     B_all = None if baseline_features is None else _as_features(baseline_features, "baseline features", n_all, True)
+    C_all = None if covariates is None else _as_features(covariates, "covariates", n_all, True)
 
     keep = ~_missing_mask(values, numeric)
     n_missing = int((~keep).sum())
@@ -625,6 +632,9 @@ def _fit_probe(X, y, groups, kind, n_splits, seed, n_boot, baseline_features, ta
     rows = np.flatnonzero(keep)
     Xk, gk = X_all[rows], groups_all[rows]
     Bk = None if B_all is None else B_all[rows]
+    extra = {}  # further models in the same folds: name -> features (imputed in the training folds)
+    if C_all is not None:
+        extra = {"covariates": C_all[rows], "probe+covariates": np.hstack([Xk, C_all[rows]])}
     classes = None
     if kind == "regression":
         yk = values[rows].astype(float)
@@ -667,6 +677,8 @@ def _fit_probe(X, y, groups, kind, n_splits, seed, n_boot, baseline_features, ta
     oof = {"probe": np.zeros(shape), "trivial": np.zeros(shape)}
     if Bk is not None:
         oof["classical"] = np.zeros(shape)
+    for name in extra:
+        oof[name] = np.zeros(shape)
     chosen: dict[str, list[float]] = {name: [] for name in oof}
 
     with warnings.catch_warnings():
@@ -689,6 +701,11 @@ def _fit_probe(X, y, groups, kind, n_splits, seed, n_boot, baseline_features, ta
                                          n_classes)
             oof["classical"][te] = _predict(kind, model_b, Bk[te], n_classes)
             chosen["classical"].append(best_b)
+        for name, F in extra.items():
+            model_e, best_e = _fit_inner(kind, F[tr], yk[tr], gk[tr], grid, inner_splits, seed, True, class_weight,
+                                         n_classes)
+            oof[name][te] = _predict(kind, model_e, F[te], n_classes)
+            chosen[name].append(best_e)
 
     metric_names = REGRESSION_METRICS if kind == "regression" else CLASSIFICATION_METRICS
     weights = subject_bootstrap_weights(gk, int(n_boot), seed)

@@ -54,6 +54,9 @@ def train(
         help="Bias-field correction the inputs had, recorded in the bundle (the preprocess stage then "
              "applies the same): none or n4.")] = "none",
     licence: Annotated[str, typer.Option(help="Licence of the trained weights.")] = "unspecified",
+    init_from: Annotated[Optional[Path], typer.Option(
+        help="Start from this bundle's weights (fine-tuning, e.g. the shipped default on your data). Same "
+             "preset and intensity spec required; its training subjects stay out of validation.")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (default: CUDA if present).")] = None,
     threads: Annotated[Optional[str], typer.Option(
         help="CPU threads for torch: a number, or 'auto' (follow the cores other processes leave free).")] = None,
@@ -93,7 +96,7 @@ def train(
             train=dataclasses.replace(train_cfg, **overrides), preset=preset, template=template,
             bundle=bundle, bundle_name=bundle_name, device=device, auto_threads=threads == "auto",
             normalisation=normalisation, bias_correction=None if bias_correction == "none" else bias_correction,
-            dataset_description=data_description, licence=licence)
+            dataset_description=data_description, licence=licence, init_from=init_from)
         if export_only and (output / "settings.json").exists():
             # the run's own settings (data description, licence...), only the target may change
             saved = load_settings(output)

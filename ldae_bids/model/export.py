@@ -79,6 +79,7 @@ def export_bundle(settings, bundle: Path | None = None) -> Path:
             "ldae_steps_planned": settings.train.ldae_steps,
             "train_config": settings.train.to_dict(),
             "final_train_loss": losses,
+            "init_from": _init_record(settings.init_from),
         },
         "metrics": {"validation_during_training": last_val},
         "licence": settings.licence,
@@ -90,6 +91,18 @@ def export_bundle(settings, bundle: Path | None = None) -> Path:
     save_bundle(target, pipeline, metadata, name=name)
     log.info("bundle written to %s", target)
     return Path(target)
+
+
+def _init_record(path) -> dict | None:
+    """What a fine-tuned bundle started from (name, content hash, that bundle's training steps)."""
+    if not path:
+        return None
+    from ldae_bids.model.bundle import _read_json, verify_bundle
+
+    meta = _read_json(Path(path) / "metadata.json").get("training", {})
+    name = _read_json(Path(path) / "config.json").get("name", Path(path).name)
+    return {"name": name, "content_hash": verify_bundle(Path(path)), "ae_steps": meta.get("ae_steps"),
+            "ldae_steps": meta.get("ldae_steps"), "init_from": meta.get("init_from")}
 
 
 def _version(dist_name: str) -> str:

@@ -51,8 +51,11 @@ def init_log_var(ae: nn.Module, value: float) -> None:
     conv.bias.fill_(value)
 
 
-def train_autoencoder(settings, dist, store, val_store, state, logger) -> nn.Module:
-    """Stage 1; resumes from the checkpoint when ``state`` points into it. Returns the autoencoder."""
+def train_autoencoder(settings, dist, store, val_store, state, logger, init=None) -> nn.Module:
+    """Stage 1; resumes from the checkpoint when ``state`` points into it. Returns the autoencoder.
+
+    ``init`` (a pipeline, from ``--init-from``) gives the starting weights of a new run.
+    """
     from ldae_bids.model.distributed import wrap
     from ldae_bids.model.losses import AutoencoderLoss, discriminator_loss
     from ldae_bids.model.networks import build_autoencoder
@@ -60,7 +63,9 @@ def train_autoencoder(settings, dist, store, val_store, state, logger) -> nn.Mod
     tc, device = settings.train, dist.device
     torch.manual_seed(tc.seed)
     ae = build_autoencoder(settings.model.autoencoder).to(device)
-    if tc.ae_init_log_var is not None:
+    if init is not None:
+        ae.load_state_dict(init.autoencoder.state_dict())
+    elif tc.ae_init_log_var is not None:
         init_log_var(ae, tc.ae_init_log_var)
     modules: dict[str, nn.Module] = {"autoencoder": ae}
     opt_g = torch.optim.Adam(ae.parameters(), lr=tc.ae_lr)
@@ -82,6 +87,10 @@ def train_autoencoder(settings, dist, store, val_store, state, logger) -> nn.Mod
         ckpt.load_optimizers(settings.output, "ae", optimizers)
         log.info("autoencoder: resuming at step %d / %d", step, total)
     if step >= total:
+        if step == 0 and not (settings.output / "ae-weights.safetensors").exists():
+            # no stage-1 steps asked (e.g. fine-tuning stage 2 only): keep the starting weights
+            state.update(stage="ae", ae_step=0, ae_end=0)
+            loop.checkpoint_all(settings, dist, "ae", modules, optimizers, state)
         return ae
     model = wrap(ae, dist)
     dmodel = wrap(disc, dist) if disc is not None else None

@@ -90,8 +90,11 @@ def validate_ldae(pipeline, val_store, steps: int, seed: int, limit: int = 2) ->
     return {k: float(np.mean(v)) for k, v in out.items()}
 
 
-def train_ldae(settings, dist, store, val_store, ae, latents, scale, state, logger):
-    """Stage 2: semantic encoder + conditional denoiser, jointly, with EMA. Returns the EMA Stage2 module."""
+def train_ldae(settings, dist, store, val_store, ae, latents, scale, state, logger, init=None):
+    """Stage 2: semantic encoder + conditional denoiser, jointly, with EMA. Returns the EMA Stage2 module.
+
+    ``init`` (a pipeline, from ``--init-from``) gives the starting weights of a new run (EMA too).
+    """
     from ldae_bids.model.distributed import wrap
     from ldae_bids.model.ema import Ema
     from ldae_bids.model.losses import diffusion_loss
@@ -101,6 +104,9 @@ def train_ldae(settings, dist, store, val_store, ae, latents, scale, state, logg
     model_cfg = dataclasses.replace(settings.model, latent_scale=scale)
     torch.manual_seed(tc.seed + 1)
     nets = build_networks(model_cfg)
+    if init is not None:
+        nets["semantic_encoder"].load_state_dict(init.semantic_encoder.state_dict())
+        nets["denoiser"].load_state_dict(init.denoiser.state_dict())
     stage2 = Stage2(nets["semantic_encoder"], nets["denoiser"]).to(device)
     ema = Ema(stage2, tc.ema_decay)
     opt = torch.optim.AdamW(stage2.parameters(), lr=tc.ldae_lr, weight_decay=0.0)

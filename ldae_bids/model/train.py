@@ -51,6 +51,7 @@ class TrainSettings:
     bias_correction: str | None = None
     dataset_description: str = ""
     licence: str = "CC-BY-SA-3.0"
+    init_from: Path | None = None
     extra_metadata: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -58,19 +59,32 @@ class TrainSettings:
         d["inputs"] = [str(p) for p in self.inputs]
         d["output"] = str(self.output)
         d["bundle"] = str(self.bundle) if self.bundle else None
+        d["init_from"] = str(self.init_from) if self.init_from else None
         d["model"] = self.model.to_dict()
         d["train"] = self.train.to_dict()
         return json_ready(d)
 
 
-def prepare_split(settings: TrainSettings, is_main: bool) -> dict:
-    """Load or create the subject-level split (kept across resumes)."""
+def prepare_split(settings: TrainSettings, is_main: bool, keep: dict | None = None) -> dict:
+    """Load or create the subject-level split (kept across resumes).
+
+    ``keep`` is the split of the bundle a run starts from (``--init-from``): its subjects
+    keep their side, so a subject the bundle was trained on never becomes a validation
+    subject; only new subjects are split (seeded).
+    """
     path = settings.output / "split.json"
     if path.exists():
         return json.loads(path.read_text())
     images = mdata.find_images(list(settings.inputs))
     subjects = [mdata.subject_of(p) for p in images]
-    train, val = mdata.split_subjects(subjects, settings.train.val_fraction, settings.train.seed)
+    if not keep:
+        train, val = mdata.split_subjects(subjects, settings.train.val_fraction, settings.train.seed)
+    else:
+        old_train, old_val = set(keep.get("train", [])), set(keep.get("validation", []))
+        new = [s for s in subjects if s not in old_train | old_val]
+        train, val = mdata.split_subjects(new, settings.train.val_fraction, settings.train.seed) if new else ([], [])
+        train = sorted(set(train) | (old_train & set(subjects)))
+        val = sorted(set(val) | (old_val & set(subjects)))
     split = {
         "seed": settings.train.seed,
         "val_fraction": settings.train.val_fraction,
@@ -113,8 +127,34 @@ def load_settings(output: Path) -> TrainSettings:
         bundle_name=d.get("bundle_name"), device=d.get("device"),
         normalisation=d.get("normalisation", "percentile"), bias_correction=d.get("bias_correction"),
         dataset_description=d.get("dataset_description", ""), licence=d.get("licence", "CC-BY-SA-3.0"),
+        init_from=Path(d["init_from"]) if d.get("init_from") else None,
         extra_metadata=d.get("extra_metadata", {}),
     )
+
+
+def load_init(settings: TrainSettings):
+    """The bundle a run starts from (``--init-from``), checked against the run's networks.
+
+    Fine-tuning needs the same networks: every constructor argument and the grid must match
+    (the latent scale is recomputed from the new training latents).
+    """
+    from ldae_bids.errors import InputError
+    from ldae_bids.model.bundle import load_bundle
+
+    mb = load_bundle(settings.init_from)
+    theirs, ours = mb.config.to_dict(), settings.model.to_dict()
+    for d in (theirs, ours):
+        d.pop("latent_scale", None)
+    if theirs != ours:
+        diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+        raise InputError(f"{settings.init_from}: bundle networks differ from the {settings.preset} preset "
+                         f"in {', '.join(diff)}; fine-tune with the bundle's own preset")
+    intensity = mb.metadata.get("intensity", {})
+    if intensity.get("normalisation", settings.normalisation) != settings.normalisation or \
+            intensity.get("bias_correction") != settings.bias_correction:
+        raise InputError(f"{settings.init_from}: bundle was trained on {intensity}, this run says normalisation "
+                         f"{settings.normalisation!r}, bias correction {settings.bias_correction!r}")
+    return mb
 
 
 def run_training(settings: TrainSettings) -> Path | None:
@@ -135,7 +175,8 @@ def run_training(settings: TrainSettings) -> Path | None:
     dist = distributed.setup(settings.device)
     try:
         settings.output.mkdir(parents=True, exist_ok=True)
-        split = prepare_split(settings, dist.is_main)
+        init = load_init(settings) if settings.init_from else None
+        split = prepare_split(settings, dist.is_main, init.metadata["training"].get("split") if init else None)
         distributed.barrier(dist)
         split = json.loads((settings.output / "split.json").read_text())
         train_paths, val_paths = images_of(split, "train"), images_of(split, "validation")
@@ -151,11 +192,12 @@ def run_training(settings: TrainSettings) -> Path | None:
         store = mdata.VolumeStore(train_paths, settings.model.image_shape)
         val_store = mdata.VolumeStore(val_paths, settings.model.image_shape) if val_paths else None
         state = ckpt.read_state(settings.output)
-        ae = train_autoencoder(settings, dist, store, val_store, state, logger)
+        weights = init.pipeline if init else None
+        ae = train_autoencoder(settings, dist, store, val_store, state, logger, init=weights)
         latents, val_latents, scale = prepare_latents(settings, dist, ae, store, val_store, state)
         if dist.is_main:
             ckpt.write_state(settings.output, state)
-        train_ldae(settings, dist, store, val_store, ae, latents, scale, state, logger)
+        train_ldae(settings, dist, store, val_store, ae, latents, scale, state, logger, init=weights)
         if not dist.is_main:
             return None
         state.update(stage="done")

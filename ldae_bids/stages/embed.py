@@ -79,6 +79,9 @@ class CollectEmbeddingsStage(Stage):
                             ", ".join(missing[:10]))
         ctx.writer.write_tsv(table, {"desc": "ysem", "suffix": "features"}, {
             "Description": "y_sem of every embedded session (raw values).",
+            "brain_volume_ml": {"Description": "native-space brain-mask volume from the preprocess QC (n/a when "
+                                               "not recorded); a head-size covariate, not part of y_sem",
+                                "Units": "ml"},
             "MissingSessions": missing,
         })
 
@@ -92,9 +95,28 @@ def collect_ysem(ctx: StageContext, unit: GroupInput):
         for ses in subject.sessions:
             path = ctx.writer.path(**outputs.ysem(ses), extension=".tsv")
             if path.is_file():
-                frames.append(pd.read_csv(path, sep="\t"))
+                frame = pd.read_csv(path, sep="\t")
+                frame.insert(2 if "session_id" in frame.columns else 1, "brain_volume_ml",
+                             brain_volume(ctx, ses))
+                frames.append(frame)
             else:
                 missing.append(ses.key)
     if not frames:
         return None, missing
     return pd.concat(frames, ignore_index=True), missing
+
+
+def brain_volume(ctx: StageContext, ses) -> float:
+    """Native-space brain-mask volume (ml) from the preprocess sidecar's QC, NaN when not recorded.
+
+    The affine to the template removes head size from the model-ready image (and so from y_sem);
+    this puts it back as a covariate (``probe.covariates=brain_volume_ml``).
+    """
+    import json
+
+    path = ctx.writer.path(**outputs.preproc_t1w(ses, ctx.grid.res_label), extension=".json")
+    try:
+        value = json.loads(path.read_text()).get("QC", {}).get("brain_volume_ml")
+        return float(value) if value is not None else float("nan")
+    except (OSError, ValueError, TypeError, AttributeError):
+        return float("nan")

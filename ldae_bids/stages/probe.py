@@ -36,7 +36,8 @@ class ProbeStage(Stage):
                 "baseline_features": str(base) if base else None,
                 "baseline_digest": digest(base) if base and base.is_file() else None,
                 "n_splits": int(settings.stage_option(self.name, "n_splits", "5")),
-                "n_boot": int(settings.stage_option(self.name, "n_boot", "1000"))}
+                "n_boot": int(settings.stage_option(self.name, "n_boot", "1000")),
+                "covariates": covariate_names(settings.stage_option(self.name, "covariates", ""))}
 
     def run(self, ctx: StageContext, unit: GroupInput) -> None:
         import pandas as pd
@@ -52,6 +53,17 @@ class ProbeStage(Stage):
         table = pd.read_csv(table_path, sep="\t", dtype={"participant_id": str, "session_id": str},
                             keep_default_na=False, na_values=["n/a"])
         X = table.filter(like="ysem_").to_numpy(dtype=float)
+        covariates = None
+        if params["covariates"]:
+            absent = [c for c in params["covariates"] if c not in table.columns]
+            if absent:
+                raise UsageError(f"{table_path}: no column {', '.join(absent)} for probe.covariates "
+                                 f"(columns besides ysem_*: {', '.join(c for c in table.columns if not c.startswith('ysem_'))})")
+            covariates = table[params["covariates"]].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
+            n_nan = int(np.isnan(covariates).any(axis=1).sum())
+            if n_nan:
+                ctx.log.warning("probe.covariates: %d of %d rows lack a value (imputed with the training-fold "
+                                "median)", n_nan, len(table))
         sessions = table["session_id"] if "session_id" in table.columns else [None] * len(table)
         keys = [(p, s if isinstance(s, str) and s else None) for p, s in zip(table["participant_id"], sessions)]
         groups = table["participant_id"].to_numpy()
@@ -76,7 +88,7 @@ class ProbeStage(Stage):
             label = target_label(column)
             y = align_targets(targets_table, keys, column)
             res = fit_probe(X, y, groups, seed=params["seed"], n_splits=params["n_splits"],
-                            n_boot=params["n_boot"], baseline_features=base, target=column)
+                            n_boot=params["n_boot"], baseline_features=base, target=column, covariates=covariates)
             ctx.log.info("%s", res.summary())
             tab = res.table()
             tab.insert(0, "target", column)
@@ -101,9 +113,19 @@ class ProbeStage(Stage):
             "Description": "Linear probes on y_sem: outer CV grouped by subject, regularisation chosen by inner "
                            "grouped CV in the training folds, 95% bootstrap CIs over subjects; baselines "
                            "(trivial, classical features) in the same folds; 'probe-<baseline>' rows are paired "
-                           "differences.",
+                           "differences; with probe.covariates, 'covariates' (alone) and 'probe+covariates' (y_sem and covariates) "
+                           "rows come from the same folds.",
             "Parameters": params,
         })
+
+
+def covariate_names(option: str) -> list[str]:
+    """``probe.covariates``: comma-separated columns of the group y_sem table (e.g. brain_volume_ml)."""
+    names = [c.strip() for c in str(option).split(",") if c.strip()]
+    bad = [c for c in names if c.startswith("ysem_") or c in ("participant_id", "session_id")]
+    if bad:
+        raise UsageError(f"probe.covariates: {', '.join(bad)} cannot be a covariate (y_sem or an identifier)")
+    return names
 
 
 def _usable(values) -> bool:
