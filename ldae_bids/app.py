@@ -148,6 +148,9 @@ def main_run(settings: Settings) -> int:
 
         participants = read_tsv_rows(settings.bids_dir / "participants.tsv", "participant_id")
         results = runner.run_group(GroupInput(tuple(subjects), settings.output_dir, participants))
+    usage = runner.usage.write()
+    if usage is not None:
+        log.info("seconds and peak memory per stage: %s", usage)
     _reports(settings, subjects)
     _summary(results)
     failed = [r for r in results if r.status == "failed"]

@@ -7,7 +7,10 @@ the run goes on with the other subjects unless ``--stop-on-first-crash``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import resource
+import sys
 import time
 import traceback
 from collections.abc import Sequence
@@ -46,6 +49,64 @@ class UnitResult:
         return "done" if self.done else "skipped"
 
 
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MiB; Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+class UsageLog:
+    """Seconds and peak memory of every stage call of a run, written to ``logs/resources-<run id>.tsv``.
+
+    ``peak_rss_mb`` is the process's peak so far (it never decreases: the stage that raises it is the
+    one that needed it); ``peak_gpu_mb`` is the CUDA allocator's peak during the call (reset before it).
+    """
+
+    COLUMNS = ("unit", "stage", "n_subjects", "seconds", "seconds_per_subject", "peak_rss_mb", "peak_gpu_mb",
+               "status")
+
+    def __init__(self, path: Path):
+        self.path, self.rows = path, []
+
+    @contextlib.contextmanager
+    def measure(self, stage: str, units: Sequence[str]):
+        cuda = self._cuda()
+        if cuda is not None:
+            cuda.reset_peak_memory_stats()
+        row = {"unit": ",".join(units), "stage": stage, "n_subjects": len(units), "status": "done"}
+        t0 = time.perf_counter()
+        try:
+            yield row
+        except BaseException:
+            row["status"] = "failed"
+            raise
+        finally:
+            secs = time.perf_counter() - t0
+            row.update(seconds=round(secs, 3), seconds_per_subject=round(secs / max(1, len(units)), 3),
+                       peak_rss_mb=round(_peak_rss_mb(), 1),
+                       peak_gpu_mb=round(cuda.max_memory_allocated() / 2**20, 1) if cuda is not None else "n/a")
+            self.rows.append(row)
+
+    @staticmethod
+    def _cuda():
+        torch = sys.modules.get("torch")  # never import torch only to measure
+        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+            return torch.cuda
+        return None
+
+    def write(self) -> Path | None:
+        if not self.rows:
+            return None
+        lines = ["\t".join(self.COLUMNS)]
+        lines += ["\t".join(str(r.get(c, "n/a")) for c in self.COLUMNS) for r in self.rows]
+        try:
+            atomic_write_text(self.path, "\n".join(lines) + "\n")
+        except OSError as exc:
+            log.error("could not write %s (%s)", self.path, exc)
+            return None
+        return self.path
+
+
 class Runner:
     """Executes stage classes for one run."""
 
@@ -57,6 +118,7 @@ class Runner:
         self.writer = DerivativesWriter(settings.output_dir, settings.bids_dir)
         self.stamps = StampStore(settings.output_dir)
         self.dist_of = dist_of or {}
+        self.usage = UsageLog(settings.output_dir / "logs" / f"resources-{settings.run_id}.tsv")
 
     # ------------------------------------------------------------------- keys
     def _key(self, stage: Stage, unit: str, inputs: list[Path]) -> str:
@@ -135,7 +197,8 @@ class Runner:
         if stage.batchable and len(todo) > 1:
             ctx = self._context(stage)
             try:
-                stage.run_batch(ctx, [s for s, _ in todo])
+                with self.usage.measure(stage.name, [s.key for s, _ in todo]):
+                    stage.run_batch(ctx, [s for s, _ in todo])
             except Exception as exc:  # isolate the culprit by running one by one
                 log.warning("stage %s failed on a batch of %d (%s): retrying subject by subject",
                             stage.name, len(todo), self._message(exc))
@@ -152,7 +215,8 @@ class Runner:
             ctx = self._context(stage)
             self.stamps.remove(s.key, stage.name)
             try:
-                stage.run(ctx, s)
+                with self.usage.measure(stage.name, [s.key]):
+                    stage.run(ctx, s)
             except Exception as exc:
                 ctx.writer.remove_written()
                 res = results[s.label]
@@ -185,7 +249,8 @@ class Runner:
             ctx = self._context(stage)
             self.stamps.remove("group", stage.name)
             try:
-                stage.run(ctx, group)
+                with self.usage.measure(stage.name, ["group"]):
+                    stage.run(ctx, group)
             except Exception as exc:
                 ctx.writer.remove_written()
                 res.failed_stage, res.error = stage.name, self._message(exc)

@@ -169,6 +169,22 @@ def test_broken_subject_fails_alone_with_crash_file(bids_factory, tmp_path, caps
     assert "sub-02" in err and "failed" in err
 
 
+def test_resource_log_has_a_row_per_stage_call(bids_factory, tmp_path):
+    """logs/resources-<run>.tsv: seconds and peak memory of each stage call, failed calls marked."""
+    import pandas as pd
+
+    bids = bids_factory({"01": None, "02": None})
+    (bids / "sub-02" / "anat" / "sub-02_T1w.nii.gz").write_bytes(b"garbage")
+    out = tmp_path / "out"
+    assert qc(bids, out) == 1
+    (path,) = (out / "logs").glob("resources-*.tsv")
+    rows = pd.read_csv(path, sep="\t")
+    assert list(rows["unit"]) == ["sub-01", "sub-02"] and set(rows["stage"]) == {"example-qc"}
+    assert list(rows["status"]) == ["done", "failed"]
+    assert (rows["seconds"] >= 0).all() and (rows["peak_rss_mb"] > 10).all()
+    assert (rows["seconds_per_subject"] == rows["seconds"]).all()
+
+
 def test_stop_on_first_crash(bids_factory, tmp_path):
     bids = bids_factory({"01": None, "02": None})
     (bids / "sub-01" / "anat" / "sub-01_T1w.nii.gz").write_bytes(b"garbage")
