@@ -53,6 +53,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+if str(REPO / "benchmarks") not in sys.path:
+    sys.path.insert(0, str(REPO / "benchmarks"))
 
 PARTS = ("participant", "group", "manipulate", "fill")
 LONG_MONTHS = (0, 3, 6, 15, 30)
@@ -170,15 +172,9 @@ def summarise(values) -> dict:
 def machine() -> dict:
     import torch
 
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "gpu": torch.cuda.get_device_name(0)
+    from bench_preprocess import cpu_name  # one description of the machine for all benchmarks
+
+    return {"cpu": cpu_name(), "logical_cpus": os.cpu_count(), "gpu": torch.cuda.get_device_name(0)
             if torch.cuda.is_available() else None, "python": platform.python_version(), "torch": torch.__version__,
             "platform": platform.platform()}
 

@@ -114,6 +114,8 @@ def test_kind_inference_and_override():
     assert infer_kind(np.linspace(20, 80, 50)) == "regression"
     assert infer_kind([0, 1, 1, 0, 2]) == "classification"
     assert infer_kind(["M", "F", "n/a"]) == "classification"
+    assert infer_kind([38.78, 46.71, 34.24, 24.28, 60.1]) == "regression"  # few rows, still continuous
+    assert infer_kind([1.0, 2.0, 2.0, 1.0]) == "classification"
     rng, X, groups, score = _data(4)
     y = np.round(score > 0).astype(int)
     assert fit_probe(X, y, groups, n_boot=0).kind == "classification"

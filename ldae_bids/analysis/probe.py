@@ -19,7 +19,8 @@ What :func:`fit_probe` does, and why
   baseline come with their own intervals.
 * Rows whose target is missing (NaN, None, ``""``, ``n/a``) are dropped and counted.
 * **Kind**: ``"auto"`` means regression when the target is numeric with more than ``max_classes``
-  (default 10) distinct values, classification otherwise (strings, booleans, few numeric levels).
+  (default 10) distinct values or with any non-integer value (an age of 38.78 is never a class, even
+  in a pilot of ten subjects), classification otherwise (strings, booleans, few integer levels).
 
 Metrics: regression MAE, RMSE, Pearson r, R^2; classification AUROC (one-vs-rest macro average for
 more than two classes), accuracy, balanced accuracy, F1 (of the positive class when binary, macro
@@ -401,11 +402,14 @@ class ProbeResult:
 
 
 def infer_kind(y: Sequence, max_classes: int = 10) -> str:
-    """``"regression"`` for numeric targets with more than ``max_classes`` distinct values."""
+    """``"regression"`` for numeric targets with more than ``max_classes`` distinct values or with
+    non-integer values; ``"classification"`` otherwise."""
     values, numeric = clean_target(y)
     present = values[~_missing_mask(values, numeric)]
-    if numeric and np.unique(present.astype(float)).size > max_classes:
-        return "regression"
+    if numeric:
+        v = present.astype(float)
+        if np.unique(v).size > max_classes or not np.all(np.equal(np.round(v), v)):
+            return "regression"
     return "classification"
 
 

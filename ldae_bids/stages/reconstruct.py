@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -19,11 +20,16 @@ class ReconstructStage(Stage):
     description = "LDAE reconstruction in template space with SSIM/MSE to the input"
     requires = ("embed",)
     needs_model = True
+    batchable = True
 
     def parameters(self, settings) -> dict[str, Any]:
         return {"ddim_steps": settings.ddim_steps}
 
     def run(self, ctx: StageContext, unit: SubjectInput) -> None:
+        self.run_batch(ctx, [unit])
+
+    def run_batch(self, ctx: StageContext, units: Sequence[SubjectInput]) -> None:
+        """Decode every session of ``units`` in one batch (one DDIM loop for all of them)."""
         import torch
 
         from ldae_bids.metrics import similarity
@@ -31,12 +37,13 @@ class ReconstructStage(Stage):
 
         pipe = ctx.model.pipeline
         steps = ctx.settings.ddim_steps
-        for ses in unit.sessions:
-            data, mask, src = load_preproc(ctx, ses)
-            y, ypath = load_ysem(ctx, ses)
-            xt, xpath = load_xt(ctx, ses)
-            out = pipe.decode(xt.to(ctx.device), torch.from_numpy(y)[None].to(ctx.device), steps=steps)
-            recon = out[0, 0].float().clamp(0, 1).cpu().numpy()
+        sessions = [ses for u in units for ses in u.sessions]
+        loaded = [(load_preproc(ctx, ses), load_ysem(ctx, ses), load_xt(ctx, ses)) for ses in sessions]
+        xt = torch.cat([x for _, _, (x, _) in loaded]).to(ctx.device)
+        y = torch.from_numpy(np.stack([v for _, (v, _), _ in loaded])).to(ctx.device)
+        out = pipe.decode(xt, y, steps=steps).float().clamp(0, 1).cpu().numpy()
+        for i, (ses, ((data, mask, src), (_, ypath), (_, xpath))) in enumerate(zip(sessions, loaded)):
+            recon = out[i, 0]
             recon = np.where(mask, recon, 0.0).astype(np.float32) if ctx.option("mask", "yes") == "yes" else recon
             metrics = similarity(torch.from_numpy(data), torch.from_numpy(recon), torch.from_numpy(mask))
             ctx.writer.write_nifti(grid_image(ctx, recon), outputs.reconstruction(ses, ctx.grid.res_label), {

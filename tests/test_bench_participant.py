@@ -1,0 +1,80 @@
+"""benchmarks/bench_participant.py on four real IXI subjects with a tiny random bundle (CPU).
+
+What is checked is the benchmark's plumbing: every participant-level stage ran through the app and
+its seconds and peak memory come from the app's own resources log; the figures of a random tiny model
+mean nothing and are not asserted on.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_participant", REPO / "benchmarks" / "bench_participant.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    import torch
+
+    from ldae_bids.model.bundle import save_bundle
+    from ldae_bids.model.config import preset
+    from ldae_bids.model.pipeline import LdaePipeline
+    from ldae_bids.preprocessing import Grid
+
+    torch.manual_seed(0)
+    cfg, _ = preset("tiny")
+    grid = Grid.centred_like(Grid.compact(), cfg.image_shape, 10.0, name="tiny")
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    save_bundle(path, LdaePipeline(cfg).eval(), {"grid": grid.to_dict(), "licence": "CC0",
+                                                  "training": {"data": "none (random weights)"}})
+    return path
+
+
+@pytest.fixture
+def age_probe(tmp_path):
+    """A probe on the tiny model's 16-d y_sem (random directions: only its shape matters here)."""
+    import numpy as np
+
+    from ldae_bids.analysis.probe import fit_probe, save_probe
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(20, 16))
+    res = fit_probe(X, 50 + 10 * X[:, 0], [f"s{i}" for i in range(20)], n_boot=0, target="age")
+    return save_probe(res.probe, tmp_path / "target-age_desc-probe_probe.json")
+
+
+def test_bench_participant_times_every_stage(ixi, tiny_bundle, age_probe, tmp_path):
+    bench = _bench()
+    out = tmp_path / "results"
+    rc = bench.main(["--bids", str(ixi), "--model", str(tiny_bundle), "--n-subjects", "4", "--ddim-steps", "2",
+                     "--device", "cpu", "--batch-size", "2", "--work", str(tmp_path / "work"), "--out", str(out),
+                     "--probe", str(age_probe), "--n-long", "1", "--in-process"])
+    assert rc == 0
+    rep = json.loads((out / "participant.json").read_text())
+    stages = rep["stages"]
+    assert set(stages) == {"preprocess", "embed", "reconstruct", "manipulate", "fill-missing-sessions"}
+    assert stages["preprocess"]["n_subjects"] == 4 and stages["preprocess"]["batch_sizes"] == [2, 2]
+    assert stages["reconstruct"]["batch_sizes"] == [2, 2]  # batched across subjects, like embed
+    assert stages["manipulate"]["n_subjects"] == 2 and stages["fill-missing-sessions"]["n_subjects"] == 1
+    for s in stages.values():
+        assert s["seconds_per_subject"]["mean"] > 0 and s["peak_rss_mb"] > 0 and s["subjects_per_hour"] > 0
+    pre, emb = stages["preprocess"]["seconds_per_subject"]["mean"], stages["embed"]["seconds_per_subject"]["mean"]
+    assert rep["participant_level_seconds_per_subject"] == pytest.approx(pre + emb)
+    assert "| preprocess | 4 |" in (out / "participant.md").read_text()
+
+
+def test_missing_data_folder_skips(tmp_path, capsys):
+    assert _bench().main(["--bids", str(tmp_path / "none"), "--out", str(tmp_path / "r")]) == 0
+    assert "nothing measured" in capsys.readouterr().out
+    assert not (tmp_path / "r").exists()
