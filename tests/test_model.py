@@ -211,3 +211,34 @@ def test_preprocessing_follows_the_bundles_intensity_spec(tmp_path):
     (bundle / "metadata.json").write_text(json.dumps({"intensity": {"normalisation": "percentile"}}))
     assert Resources(SimpleNamespace(model=bundle)).intensity == {"normalisation": "percentile",
                                                                   "bias_correction": "n4"}
+
+
+def test_onednn_routing_matches_pytorch_and_keeps_gradients():
+    """The CPU inference path through oneDNN gives PyTorch's results; training keeps PyTorch's path."""
+    import copy
+
+    from torch import nn
+
+    from ldae_bids.model.cpu_conv import route_conv3d_to_onednn
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this PyTorch build has no oneDNN")
+    plain = tiny_pipeline()
+    routed = [m for m in plain.modules() if getattr(m, "_onednn_routed", False)]
+    assert routed and all(type(m) is nn.Conv3d for m in routed)
+    reference = copy.deepcopy(plain)
+    for m in reference.modules():  # undo the routing on a copy: PyTorch's own path
+        if getattr(m, "_onednn_routed", False):
+            del m.forward
+    x = torch.rand(1, 1, *plain.config.image_shape)
+    with torch.no_grad():
+        a = plain.denoiser(plain.encode_latent(x), torch.tensor([10]), plain.encode_semantic(x))
+        b = reference.denoiser(reference.encode_latent(x), torch.tensor([10]), reference.encode_semantic(x))
+    assert a.abs().mean() > 1e-3 and torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    assert route_conv3d_to_onednn(plain) == 0  # idempotent
+    # with gradients the routed module falls back to PyTorch's path and trains
+    net = plain.denoiser.train()
+    z = torch.randn(2, *plain.config.latent_shape)
+    loss = net(z, torch.tensor([3, 7]), torch.randn(2, plain.config.semantic_encoder.emb_dim)).square().mean()
+    loss.backward()
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)

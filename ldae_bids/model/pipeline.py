@@ -68,6 +68,9 @@ class LdaePipeline(nn.Module):
         self.denoiser = nets["denoiser"]
         self.scheduler = build_scheduler(config.scheduler)
         self.latent_scale = float(config.latent_scale)
+        from ldae_bids.model.cpu_conv import route_conv3d_to_onednn
+
+        route_conv3d_to_onednn(self)  # CPU inference at batch 1: see cpu_conv.py
 
     # ------------------------------------------------------------------ helpers
     @property
