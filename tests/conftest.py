@@ -31,6 +31,16 @@ def _nifti(path: Path, shape=(24, 28, 24), seed=0, zooms=(2.0, 2.0, 2.0)) -> Non
     nib.save(nib.Nifti1Image(data, affine), str(path))
 
 
+def load_benchmark(name: str):
+    """A script of ``benchmarks/`` as a module (they are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def make_bids(root: Path, spec: dict[str, list[str] | None], participants: dict[str, dict] | None = None,
               runs: dict[tuple[str, str | None], int] | None = None) -> Path:
     """A small BIDS dataset: ``spec`` maps subject label -> session labels (None: no sessions)."""

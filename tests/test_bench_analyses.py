@@ -6,22 +6,18 @@ and DLMUSE labels, so it is left out here.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_analyses", REPO / "benchmarks" / "bench_analyses.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from conftest import load_benchmark
+
+    return load_benchmark("bench_analyses")
 
 
 def _blob(shape, seed):
