@@ -159,3 +159,30 @@ def test_init_from_other_preset_is_refused(synth, tmp_path):
     assert result.exit_code != 0
     assert "bundle networks differ" in result.output and str(first / "bundle") in result.output
     assert not (tmp_path / "x" / "split.json").exists()
+
+
+def test_time_budget_end_checkpoints_the_autoencoder_that_stage_2_sees(synth, tmp_path):
+    """A stage-1 time budget that ends training between checkpoints must still checkpoint: the cached
+    latents (stage 2's data) and the exported bundle have to come from the same autoencoder weights."""
+    from safetensors.torch import load_file
+
+    from ldae_bids.model.bundle import load_bundle
+
+    out = tmp_path / "train"
+    run_cli([str(synth), "-o", str(out), "--preset", "tiny", "--threads", "1", "--ae-patch-size", "0",
+             "--ae-steps", "1000", "--ae-max-minutes", "0.0001", "--checkpoint-every", "500", "--val-every", "1000",
+             "--ldae-steps", "1"])
+    state = json.loads((out / "state.json").read_text())
+    assert 0 < state["ae_step"] == state["ae_end"] < 1000
+    mb = load_bundle(out / "bundle")
+    saved = load_file(str(out / "latents.safetensors"))
+    split = json.loads((out / "split.json").read_text())
+    import nibabel as nib
+
+    first = split["images"][split["train"][0]][0]
+    x = torch.from_numpy(np.asarray(nib.load(first).dataobj, dtype=np.float32))[None, None]
+    # the bundle holds float16 weights: equal to that rounding, far closer than another image's latent
+    z = mb.pipeline.encode_latent(x)
+    err = float((z - saved["train"][:1]).norm() / saved["train"][:1].norm())
+    other = float((saved["train"][1:2] - saved["train"][:1]).norm() / saved["train"][:1].norm())
+    assert err < 5e-3 and err < other / 10, (err, other)

@@ -108,6 +108,9 @@ def train_autoencoder(settings, dist, store, val_store, state, logger, init=None
             log.info("autoencoder: time budget reached at step %d, %d whole-volume steps follow", step,
                      total - step)
             if step >= total:
+                # checkpoint before leaving: the latents, stage 2 and the bundle must all see these weights
+                state.update(stage="ae", ae_step=step, ae_seconds=seconds0 + time.time() - start)
+                loop.checkpoint_all(settings, dist, "ae", modules, optimizers, state)
                 break
         rng = loop.rng_for(tc.seed, 1, dist.rank, step)
         full = tc.ae_patch_size is None or step >= patch_end
