@@ -108,6 +108,37 @@ def profile_model(images, pipe, steps: int) -> dict:
     return out
 
 
+def conv_routing(pipe, repeats: int = 5) -> dict | None:
+    """One batch-1 denoiser call with the oneDNN routing of ``cpu_conv.py`` and with PyTorch's own
+    kernel choice (the routing undone on a copy); CPU only."""
+    import copy
+    import statistics
+
+    import torch
+
+    if pipe.device.type != "cpu":
+        return None
+    plain = copy.deepcopy(pipe.denoiser)
+    for m in plain.modules():
+        if getattr(m, "_onednn_routed", False):
+            del m.forward
+    x = torch.randn(1, *pipe.config.latent_shape)
+    y = torch.randn(1, pipe.config.semantic_encoder.emb_dim)
+    t = torch.tensor([500])
+    out = {}
+    with torch.no_grad():
+        for name, net in (("routed_to_onednn", pipe.denoiser), ("pytorch_default", plain)):
+            net(x, t, y)
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                net(x, t, y)
+                times.append(time.perf_counter() - t0)
+            out[name] = statistics.median(times)
+    out["speedup"] = out["pytorch_default"] / out["routed_to_onednn"]
+    return out
+
+
 def markdown(rep: dict) -> str:
     m = rep["machine"]
     L = ["# Where the time goes, per stage (issue 7)", "",
@@ -130,6 +161,11 @@ def markdown(rep: dict) -> str:
         L.append(f"| {name} | {r['seconds_per_subject']:.2f} | {r['torch_ops_self_seconds']:.2f} s | "
                  f"{100 * (r['convolution_share_of_ops'] or 0):.0f}% | {100 * (r['normalisation_share_of_ops'] or 0):.0f}% | "
                  f"{100 * (r['outside_torch_ops_share'] or 0):.0f}% |")
+    cr = rep.get("conv_routing")
+    if cr:
+        L += ["", f"One batch-1 denoiser call (median of 5): {1000 * cr['pytorch_default']:.0f} ms with PyTorch's own "
+              f"kernel choice, {1000 * cr['routed_to_onednn']:.0f} ms with the oneDNN routing of "
+              f"`ldae_bids/model/cpu_conv.py` ({cr['speedup']:.1f}x)."]
     for name, r in rep["model"].items():
         L += ["", f"Top operators, {name}:", ""]
         L += [f"- {o['op']}: {o['self_seconds']:.2f} s ({o['calls']} calls)" for o in r["top_ops"][:6]]
@@ -175,7 +211,8 @@ def main(argv=None) -> int:
            "date": time.strftime("%Y-%m-%d %H:%M"), "n": len(paths), "steps": args.steps,
            "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "device": str(device),
                        "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None},
-           "model": profile_model(images.to(device), mb.pipeline, args.steps), "preprocess": pre}
+           "model": profile_model(images.to(device), mb.pipeline, args.steps), "preprocess": pre,
+           "conv_routing": conv_routing(mb.pipeline)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "profile.json").write_text(json.dumps(rep, indent=1) + "\n")
     (args.out / "profile.md").write_text(markdown(rep))
