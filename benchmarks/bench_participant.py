@@ -25,7 +25,6 @@ folder is absent.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
 import shutil
@@ -43,15 +42,7 @@ if str(REPO / "benchmarks") not in sys.path:
     sys.path.insert(0, str(REPO / "benchmarks"))
 
 
-def _bench_module(name: str):
-    spec = importlib.util.spec_from_file_location(f"_{name}", REPO / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-_ba = _bench_module("bench_analyses")
-App, BenchError, summarise = _ba.App, _ba.BenchError, _ba.summarise
+from bench_analyses import App, BenchError, summarise  # noqa: E402  (the same app driver and summaries)
 
 
 def read_usage(out: Path, before: set[Path]) -> list[dict]:

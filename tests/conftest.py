@@ -31,6 +31,25 @@ def _nifti(path: Path, shape=(24, 28, 24), seed=0, zooms=(2.0, 2.0, 2.0)) -> Non
     nib.save(nib.Nifti1Image(data, affine), str(path))
 
 
+def save_tiny_bundle(path: Path, metadata: dict):
+    """A bundle of the tiny preset with random weights (seed 0) on a 10 mm grid centred like the compact one.
+
+    ``metadata`` is completed with that grid; returns ``(path, grid)``.
+    """
+    import torch
+
+    from ldae_bids.model.bundle import save_bundle
+    from ldae_bids.model.config import preset
+    from ldae_bids.model.pipeline import LdaePipeline
+    from ldae_bids.preprocessing import Grid
+
+    torch.manual_seed(0)
+    cfg, _ = preset("tiny")
+    grid = Grid.centred_like(Grid.compact(), cfg.image_shape, 10.0, name="tiny")
+    save_bundle(path, LdaePipeline(cfg).eval(), {"grid": grid.to_dict(), **metadata})
+    return path, grid
+
+
 def load_benchmark(name: str):
     """A script of ``benchmarks/`` as a module (they are scripts, not a package)."""
     import importlib.util

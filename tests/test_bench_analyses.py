@@ -31,23 +31,12 @@ def _blob(shape, seed):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    import torch
-
-    from ldae_bids.model.bundle import save_bundle
-    from ldae_bids.model.config import preset
-    from ldae_bids.model.pipeline import LdaePipeline
-    from ldae_bids.preprocessing import Grid
-
-    from conftest import make_bids
+    from conftest import make_bids, save_tiny_bundle
 
     root = tmp_path_factory.mktemp("bench")
     labels = [f"{i:02d}" for i in range(1, 21)]
-    torch.manual_seed(0)
-    cfg, _ = preset("tiny")
-    grid = Grid.centred_like(Grid.compact(), cfg.image_shape, 10.0, name="tiny")
-    bundle = root / "tiny"
-    save_bundle(bundle, LdaePipeline(cfg).eval(), {
-        "grid": grid.to_dict(), "licence": "CC0",
+    bundle, grid = save_tiny_bundle(root / "tiny", {
+        "licence": "CC0",
         "training": {"data": "none (random weights)", "split": {"seed": 0, "train": labels[:10],
                                                                 "validation": labels[10:]}}})
     bids = make_bids(root / "bids", {s: None for s in labels},

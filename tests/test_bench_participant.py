@@ -21,20 +21,10 @@ def _bench():
 
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory):
-    import torch
+    from conftest import save_tiny_bundle
 
-    from ldae_bids.model.bundle import save_bundle
-    from ldae_bids.model.config import preset
-    from ldae_bids.model.pipeline import LdaePipeline
-    from ldae_bids.preprocessing import Grid
-
-    torch.manual_seed(0)
-    cfg, _ = preset("tiny")
-    grid = Grid.centred_like(Grid.compact(), cfg.image_shape, 10.0, name="tiny")
     path = tmp_path_factory.mktemp("model") / "tiny"
-    save_bundle(path, LdaePipeline(cfg).eval(), {"grid": grid.to_dict(), "licence": "CC0",
-                                                  "training": {"data": "none (random weights)"}})
-    return path
+    return save_tiny_bundle(path, {"licence": "CC0", "training": {"data": "none (random weights)"}})[0]
 
 
 @pytest.fixture

@@ -18,21 +18,13 @@ def _bench():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    import torch
-
-    from ldae_bids.model.bundle import save_bundle
+    from conftest import save_tiny_bundle
     from ldae_bids.model.config import preset
-    from ldae_bids.model.pipeline import LdaePipeline
-    from ldae_bids.preprocessing import Grid
 
-    torch.manual_seed(0)
-    cfg, _ = preset("tiny")
-    grid = Grid.centred_like(Grid.compact(), cfg.image_shape, 10.0, name="tiny")
     root = tmp_path_factory.mktemp("recon")
-    bundle = root / "bundle"
-    save_bundle(bundle, LdaePipeline(cfg).eval(), {
-        "grid": grid.to_dict(), "licence": "CC0",
-        "training": {"split": {"train": ["t1"], "validation": ["v1", "v2", "v3"]}}})
+    bundle, grid = save_tiny_bundle(root / "bundle", {
+        "licence": "CC0", "training": {"split": {"train": ["t1"], "validation": ["v1", "v2", "v3"]}}})
+    cfg, _ = preset("tiny")
     data = root / "data"
     data.mkdir()
     rng = np.random.default_rng(0)

@@ -24,20 +24,10 @@ from ldae_bids.cli.main import main
 
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory):
-    import torch
+    from conftest import save_tiny_bundle
 
-    from ldae_bids.model.bundle import save_bundle
-    from ldae_bids.model.config import preset
-    from ldae_bids.model.pipeline import LdaePipeline
-    from ldae_bids.preprocessing import Grid
-
-    torch.manual_seed(0)
-    cfg, _ = preset("tiny")
-    grid = Grid.centred_like(Grid.compact(), cfg.image_shape, 10.0, name="tiny")
-    path = tmp_path_factory.mktemp("bundle") / "tiny"
-    save_bundle(path, LdaePipeline(cfg).eval(), {"grid": grid.to_dict(), "normalisation": "percentile",
-                                                 "licence": "CC0", "training_data": "none (random weights)"})
-    return path, grid
+    return save_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny", {
+        "normalisation": "percentile", "licence": "CC0", "training_data": "none (random weights)"})
 
 
 def _blob(shape, seed):
