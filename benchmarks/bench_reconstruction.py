@@ -7,6 +7,10 @@ For each validation subject (model-ready ``sub-<label>_desc-preproc_T1w.nii.gz``
 - LDAE with x_T from deterministic DDIM inversion, at each of ``--steps`` DDIM steps;
 - LDAE from y_sem alone with a random x_T (seeded), at ``--random-steps`` steps.
 
+It also measures whether the denoiser uses y_sem at all (``ysem_use``): the noise-prediction
+error with each subject's own y_sem against another validation subject's, at fixed timesteps
+(:func:`ldae_bids.model.stage2.ysem_use`; gain 0 = the code is ignored).
+
 Metrics: SSIM and MSE on [0, 1] intensities, whole volume and inside the brain mask, plus
 seconds per subject; ``ssim_written`` is the whole-volume SSIM of the image as the ``reconstruct``
 stage writes it (outside the input's brain mask set to 0; the input is skull-stripped, so zero there). Writes ``reconstruction.json`` and ``reconstruction.md`` to ``--out``.
@@ -78,6 +82,18 @@ def markdown(result: dict) -> str:
         "on y_sem; `random` = y_sem with a random x_T (seeded), decoded with "
         f"{result['random_steps']} steps.", "",
     ]
+    use = result.get("ysem_use")
+    if use:
+        lines += [
+            "## Does the denoiser use y_sem?", "",
+            f"Noise-prediction error (MSE) on the {result['n_subjects']} validation latents at fixed timesteps, "
+            "with each subject's own y_sem and with another validation subject's (the batch rolled by one). "
+            "Gain = other / own - 1; 0 means the denoiser ignores whose code it is given.", "",
+            "| t | own y_sem | other subject's y_sem | gain |", "|---|---|---|---|",
+        ]
+        lines += [f"| {t} | {o:.5f} | {x:.5f} | {g:+.4f} |"
+                  for t, o, x, g in zip(use["timesteps"], use["own"], use["other"], use["gain"])]
+        lines += ["", f"Mean gain: {use['mean_gain']:+.4f}.", ""]
     return "\n".join(lines)
 
 
@@ -155,6 +171,14 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"subject": label, "methods": methods[j]})
             print(f"[{start + j + 1}/{len(pairs)}] sub-{label}: " + ", ".join(
                 f"{k} {v['ssim']:.4f}" for k, v in methods[j].items()), flush=True)
+    from ldae_bids.model.stage2 import ysem_use
+
+    use = None
+    if len(pairs) >= 2:
+        x_all = torch.stack([torch.from_numpy(load_volume(p, mb.config.image_shape))[None] for _, p, _ in pairs])
+        use = ysem_use(pipe, x_all, seed=args.seed)
+        print("y_sem use: gain per timestep " + ", ".join(
+            f"t={t}: {g:+.4f}" for t, g in zip(use["timesteps"], use["gain"])), flush=True)
     result = {
         "benchmark": "reconstruction",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -173,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                         "torch": torch.__version__},
         "labels": names,
         "summary": summarise(rows),
+        "ysem_use": use,
         "paper_ssim": PAPER,
         "subjects": rows,
     }

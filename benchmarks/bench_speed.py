@@ -60,12 +60,14 @@ class ImageSpaceDae:
     """
 
     def __init__(self, model_cfg, semantic_encoder, device):
+        from ldae_bids.model.cpu_conv import route_conv3d_to_onednn
         from ldae_bids.model.denoiser import ConditionalUNet
         from ldae_bids.model.networks import build_scheduler
 
         den_cfg = dataclasses.replace(model_cfg.denoiser, in_channels=1)
         self.semantic_encoder = semantic_encoder
         self.denoiser = ConditionalUNet(**dataclasses.asdict(den_cfg)).to(device).eval()
+        route_conv3d_to_onednn(self.denoiser)  # the same CPU convolution path as LdaePipeline
         self.scheduler = build_scheduler(model_cfg.scheduler)
         self.device = device
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from ldae_bids import __version__
 from ldae_bids.config import LEVELS, Settings
-from ldae_bids.errors import (ExitCode, InvalidBidsError, MissingInputError, OutputError, UnknownLevelError,
+from ldae_bids.errors import (ExitCode, MissingInputError, OutputError, UnknownLevelError,
                               UsageError)
 
 log = logging.getLogger("ldae_bids")

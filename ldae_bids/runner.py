@@ -24,7 +24,7 @@ from ldae_bids.bids.io import atomic_write_text
 from ldae_bids.bids.writer import DerivativesWriter
 from ldae_bids.config import Settings
 from ldae_bids.errors import LdaeError
-from ldae_bids.plugins.api import GroupInput, Level, Stage, StageContext
+from ldae_bids.plugins.api import GroupInput, Stage, StageContext
 from ldae_bids.runtime import Resources
 from ldae_bids.state import StampStore, digest, make_key
 

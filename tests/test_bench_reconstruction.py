@@ -58,3 +58,30 @@ def test_validation_subjects_only_and_batching_does_not_change_scores(setup, tmp
             assert m["ssim_written"] >= m["ssim"] - 1e-6
     md = (tmp_path / "b3" / "reconstruction.md").read_text()
     assert "3 validation subjects" in md and "batch 3" in md
+    assert len(one["ysem_use"]["gain"]) == 5 and "Does the denoiser use y_sem?" in md
+
+
+def test_ysem_use_is_zero_exactly_when_the_denoiser_ignores_the_code():
+    import torch
+
+    from ldae_bids.model.config import preset
+    from ldae_bids.model.pipeline import LdaePipeline
+    from ldae_bids.model.stage2 import ysem_use
+
+    torch.manual_seed(0)
+    pipe = LdaePipeline(preset("tiny")[0]).eval()
+    for blk in pipe.denoiser.modules():  # zero-initialised output convolutions: give them weights
+        if hasattr(blk, "conv2"):
+            torch.nn.init.normal_(blk.conv2.weight, std=0.1)
+    torch.nn.init.normal_(pipe.denoiser.conv_out.weight, std=0.1)
+    x = torch.rand(3, 1, 16, 16, 16)
+    used = ysem_use(pipe, x)
+    assert len(used["gain"]) == 5 and abs(used["mean_gain"]) > 1e-6
+    for blk in pipe.denoiser.modules():
+        if hasattr(blk, "cond_proj"):
+            torch.nn.init.zeros_(blk.cond_proj.weight)
+            torch.nn.init.zeros_(blk.cond_proj.bias)
+    ignored = ysem_use(pipe, x)
+    assert ignored["gain"] == [0.0] * 5
+    with pytest.raises(ValueError, match="two"):
+        ysem_use(pipe, x[:1])

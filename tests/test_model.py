@@ -49,6 +49,75 @@ def test_presets_describe_the_grids():
     assert compact.semantic_encoder.emb_dim == 512
 
 
+def test_flatten_head_keeps_position_and_checks_its_grid():
+    """The flatten head sees where a feature is: two images that differ only by where a blob sits give
+    codes that differ; global-average pooling of the same features cannot tell a blob moved between
+    positions with identical neighbourhoods. Its grid must be the image shape."""
+    import dataclasses
+
+    from ldae_bids.model.semantic import SemanticEncoder
+
+    torch.manual_seed(0)
+    # the same blob, shifted by 20 voxels (a multiple of the total stride 4), both farther from the
+    # border than the encoder's receptive field (about 31 voxels) so zero padding never meets the blob
+    a, b = torch.zeros(1, 1, 96, 96, 96), torch.zeros(1, 1, 96, 96, 96)
+    a[..., 36:40, 36:40, 36:40] = 1.0
+    b[..., 56:60, 56:60, 56:60] = 1.0
+    kwargs = dict(channels=(4, 8), emb_dim=6, norm_num_groups=2)
+    mean = SemanticEncoder(**kwargs).eval()
+    flat = SemanticEncoder(**kwargs, pooling="flatten", head_channels=2, grid=(96, 96, 96)).eval()
+    with torch.no_grad():
+        assert torch.allclose(mean(a), mean(b), atol=1e-5)
+        assert (flat(a) - flat(b)).abs().max() > 1e-3
+    assert SemanticEncoder(**kwargs, pooling="flatten", grid=(17, 20, 15)).final_grid == (5, 5, 4)
+    cfg, _ = preset("tiny")
+    bad = dataclasses.replace(cfg, semantic_encoder=dataclasses.replace(cfg.semantic_encoder, grid=(8, 8, 8)))
+    with pytest.raises(ModelError, match="grid"):
+        bad.validate()
+
+
+def test_standardised_code_is_calibrated_on_a_set_and_fixed_afterwards():
+    from ldae_bids.model.semantic import SemanticEncoder
+
+    torch.manual_seed(0)
+    enc = SemanticEncoder(channels=(4, 8), emb_dim=6, norm_num_groups=2, pooling="flatten", head_channels=2,
+                          grid=(16, 16, 16), standardise=True)
+    x = torch.rand(10, 1, 16, 16, 16)
+    assert enc.calibrate([x[:4], x[4:]]) == 10
+    enc.eval()
+    with torch.no_grad():
+        y = enc(x)
+        assert torch.allclose(y.mean(0), torch.zeros(6), atol=1e-4)
+        assert torch.allclose(y.var(0), torch.ones(6), atol=1e-3)
+        assert torch.allclose(enc(x[:1]), y[:1], atol=1e-5)  # one image: the stored statistics, not its own
+        raw = enc.unnormalised(x)
+        assert raw.std(0).mean() < 0.5 * y.std(0).mean()  # the raw code varies little across images
+    enc.train()
+    assert torch.allclose(enc(x[:1]), y[:1], atol=1e-5)  # a training batch of one cannot be standardised
+
+
+def test_high_noise_weights_score_x0_error_at_high_noise():
+    """weight * eps-error == x0-error wherever 1/SNR lies inside (1, cap); clipped outside; cap 1 = plain loss."""
+    from ldae_bids.model.config import SchedulerConfig
+    from ldae_bids.model.losses import diffusion_loss, high_noise_weights
+    from ldae_bids.model.networks import build_scheduler
+
+    ab = build_scheduler(SchedulerConfig()).alphas_cumprod
+    t = torch.arange(0, 1000, 37)
+    w = high_noise_weights(ab, t, 20.0)
+    assert torch.all(w[1:] >= w[:-1]) and w.min() == 1.0 and w.max() == 20.0
+    torch.manual_seed(0)
+    x0, noise, x0_hat = torch.randn(3, 2, 4, 4, 4), torch.randn(3, 2, 4, 4, 4), torch.randn(3, 2, 4, 4, 4)
+    tt = torch.tensor([430, 470, 520])  # 1/SNR between 1 and 20 there
+    a = ab[tt].view(-1, 1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    eps_hat = (x_t - a.sqrt() * x0_hat) / (1 - a).sqrt()  # the eps prediction implied by x0_hat
+    weighted = diffusion_loss(eps_hat, noise, high_noise_weights(ab, tt, 20.0))
+    assert weighted == pytest.approx(float((x0_hat - x0).square().mean()), rel=1e-4)
+    assert torch.equal(high_noise_weights(ab, t, 1.0), torch.ones(len(t)))
+    assert diffusion_loss(eps_hat, noise) == pytest.approx(float((eps_hat - noise).square().mean()), rel=1e-6)
+
+
 def test_config_round_trip_and_unknown_keys():
     cfg, _ = preset("tiny")
     assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg

@@ -146,6 +146,45 @@ def test_init_from_bundle_fine_tunes(synth, tmp_path):
     assert split["train"] == old.metadata["training"]["split"]["train"]  # other seed and fraction, same sides
     assert split["validation"] == old.metadata["training"]["split"]["validation"]
     assert new.metadata["training"]["init_from"]["content_hash"] == old.content_hash
+    assert new.metadata["training"]["init_from"]["carried"] == ["autoencoder", "semantic_encoder", "denoiser"]
+
+
+def test_init_from_bundle_with_other_semantic_encoder_carries_the_rest(synth, tmp_path):
+    """A bundle made with the older mean-pooling semantic encoder: --init-from carries its autoencoder
+    and denoiser exactly, starts the preset's (flatten) semantic encoder fresh, and records that."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    from ldae_bids.model.bundle import load_bundle, save_bundle
+    from ldae_bids.model.pipeline import LdaePipeline
+
+    first = tmp_path / "first"
+    common = ["--preset", "tiny", "--threads", "1", "--checkpoint-every", "2", "--val-every", "100"]
+    run_cli([str(synth), "-o", str(first), *common, "--ae-steps", "2", "--ae-full-volume-steps", "1",
+             "--ldae-steps", "1"])
+    flat = load_bundle(first / "bundle")
+    assert flat.config.semantic_encoder.pooling == "flatten"
+    mean_cfg = dataclasses.replace(flat.config, semantic_encoder=dataclasses.replace(
+        flat.config.semantic_encoder, pooling="mean", grid=None))
+    old_pipe = LdaePipeline(mean_cfg, {"autoencoder": flat.pipeline.autoencoder,
+                                       "semantic_encoder": LdaePipeline(mean_cfg).semantic_encoder,
+                                       "denoiser": flat.pipeline.denoiser})
+    save_bundle(tmp_path / "old", old_pipe, flat.metadata)
+    second = tmp_path / "second"
+    run_cli([str(synth), "-o", str(second), *common, "--ae-steps", "0", "--ae-patch-size", "0",
+             "--ae-full-volume-steps", "0", "--ldae-steps", "1", "--init-from", str(tmp_path / "old")])
+    new = load_bundle(second / "bundle")
+    a, b = load_file(str(tmp_path / "old" / "model.safetensors")), load_file(str(second / "bundle" / "model.safetensors"))
+    keys = [k for k in a if k.startswith("autoencoder.")]
+    assert keys and all(torch.equal(a[k], b[k]) for k in keys)
+    keys = [k for k in a if k.startswith("denoiser.") and a[k].is_floating_point()]
+    # one warm-up step (lr 3e-6) away from the carried weights; a fresh network would differ by ~0.1
+    assert keys and all(torch.allclose(a[k].float(), b[k].float(), atol=2e-3) for k in keys)
+    assert new.config.semantic_encoder.pooling == "flatten"
+    assert any(k.startswith("semantic_encoder.reduce.") for k in b)
+    assert not any(k.startswith("semantic_encoder.reduce.") for k in a)
+    assert new.metadata["training"]["init_from"]["carried"] == ["autoencoder", "denoiser"]
 
 
 def test_init_from_other_preset_is_refused(synth, tmp_path):

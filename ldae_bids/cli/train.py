@@ -40,6 +40,9 @@ def train(
     ldae_max_minutes: Annotated[Optional[float], typer.Option(help="Wall-clock budget of stage 2.")] = None,
     ae_batch_size: Annotated[Optional[int], typer.Option(help="Stage-1 batch per process.")] = None,
     ldae_batch_size: Annotated[Optional[int], typer.Option(help="Stage-2 batch per process.")] = None,
+    ldae_weight_cap: Annotated[Optional[float], typer.Option(
+        help="Stage-2 loss weight clip(1/SNR(t), 1, CAP): scores high-noise steps on their x0 error, where "
+             "only y_sem tells subjects apart; 1 = plain epsilon loss.")] = None,
     val_fraction: Annotated[Optional[float], typer.Option(help="Fraction of subjects held out.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the split and of training.")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Steps between checkpoints.")] = None,
@@ -68,7 +71,8 @@ def train(
 
     overrides = {k: v for k, v in dict(
         ae_steps=ae_steps, ae_full_volume_steps=ae_full_volume_steps, ldae_steps=ldae_steps,
-        ae_max_minutes=ae_max_minutes, ldae_max_minutes=ldae_max_minutes, ae_batch_size=ae_batch_size, ldae_batch_size=ldae_batch_size, val_fraction=val_fraction, seed=seed,
+        ae_max_minutes=ae_max_minutes, ldae_max_minutes=ldae_max_minutes, ae_batch_size=ae_batch_size, ldae_batch_size=ldae_batch_size,
+        ldae_weight_cap=ldae_weight_cap, val_fraction=val_fraction, seed=seed,
         checkpoint_every=checkpoint_every, val_every=val_every).items() if v is not None}
     if ae_patch_size is not None:
         overrides["ae_patch_size"] = (ae_patch_size,) * 3 if ae_patch_size > 0 else None

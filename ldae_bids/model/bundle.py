@@ -153,7 +153,8 @@ def save_bundle(path: Path, pipeline, metadata: dict, name: str | None = None,
     for net in NETS:
         for key, value in getattr(pipeline, net).state_dict().items():
             value = value.detach().cpu()
-            tensors[f"{net}.{key}"] = (value.to(dtype) if value.is_floating_point() else value).contiguous()
+            keep = not value.is_floating_point() or key.endswith(("running_mean", "running_var"))  # statistics: float32
+            tensors[f"{net}.{key}"] = (value if keep else value.to(dtype)).contiguous()
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": FORMAT})
     meta = json_ready({"name": name, **metadata, "weights_dtype": str(dtype).replace("torch.", "")})
     (path / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")

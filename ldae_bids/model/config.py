@@ -71,6 +71,10 @@ class SemanticEncoderConfig:
     num_res_blocks: int = 1
     emb_dim: int = 512
     norm_num_groups: int = 8
+    pooling: str = "mean"
+    head_channels: int = 16
+    grid: tuple[int, int, int] | None = None
+    standardise: bool = False
 
 
 @dataclass(frozen=True)
@@ -150,6 +154,10 @@ class ModelConfig:
             raise ModelError(f"{where}: denoiser in_channels {den.in_channels} != latent_channels {ae.latent_channels}")
         if den.cond_dim != sem.emb_dim:
             raise ModelError(f"{where}: denoiser cond_dim {den.cond_dim} != semantic emb_dim {sem.emb_dim}")
+        if sem.pooling == "flatten" and tuple(sem.grid or ()) != tuple(self.image_shape):
+            raise ModelError(f"{where}: semantic encoder grid {sem.grid} != image shape {list(self.image_shape)}")
+        if sem.pooling not in ("mean", "flatten"):
+            raise ModelError(f"{where}: semantic encoder pooling {sem.pooling!r} is not 'mean' or 'flatten'")
         f = ae.downsampling * 2 ** (len(den.channels) - 1)
         if any(s % f for s in self.image_shape):
             raise ModelError(f"{where}: image shape {list(self.image_shape)} not divisible by {f}")
@@ -183,6 +191,8 @@ class TrainConfig:
     ldae_batch_size: int = 4
     ldae_max_minutes: float | None = None
     ldae_lr: float = 3e-4
+    # epsilon-loss weight clip(1 / SNR(t), 1, cap): 1 = plain epsilon loss (see losses.high_noise_weights)
+    ldae_weight_cap: float = 1.0
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     # bookkeeping
@@ -228,7 +238,9 @@ def preset(name: str) -> tuple[ModelConfig, TrainConfig]:
         model = ModelConfig(
             autoencoder=AutoencoderConfig(channels=(4, 8), latent_channels=2, norm_num_groups=4,
                                           attention_levels=(False, False)),
-            semantic_encoder=SemanticEncoderConfig(channels=(4, 8), emb_dim=16, norm_num_groups=4),
+            semantic_encoder=SemanticEncoderConfig(channels=(4, 8), emb_dim=16, norm_num_groups=4,
+                                                   pooling="flatten", head_channels=2, grid=(16, 16, 16),
+                                                   standardise=True),
             denoiser=DenoiserConfig(in_channels=2, channels=(8, 16), num_res_blocks=1, cond_dim=16,
                                     time_dim=16, norm_num_groups=4),
             image_shape=(16, 16, 16),
@@ -238,13 +250,15 @@ def preset(name: str) -> tuple[ModelConfig, TrainConfig]:
                             ssim_weight=0.1, adv_weight=0.1, adv_start=2, disc_channels=4, disc_layers=1)
         return model, train
     if name == "compact":
-        return ModelConfig(), TrainConfig()
+        return ModelConfig(semantic_encoder=SemanticEncoderConfig(pooling="flatten", grid=(80, 96, 80),
+                                                                  standardise=True)), TrainConfig(ldae_weight_cap=20.0)
     if name == "paper":
         model = ModelConfig(
             autoencoder=AutoencoderConfig(channels=(64, 128, 128, 128), latent_channels=3, num_res_blocks=2,
                                           norm_num_groups=32, attention_levels=(False,) * 4),
             semantic_encoder=SemanticEncoderConfig(channels=(32, 64, 128, 256, 512), num_res_blocks=2,
-                                                   emb_dim=768, norm_num_groups=32),
+                                                   emb_dim=768, norm_num_groups=32, pooling="flatten",
+                                                   grid=(128, 160, 128), standardise=True),
             denoiser=DenoiserConfig(channels=(128, 256, 256), num_res_blocks=2, cond_dim=768, time_dim=512,
                                     norm_num_groups=32, mid_attention=True),
             image_shape=(128, 160, 128),

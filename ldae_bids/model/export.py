@@ -79,7 +79,7 @@ def export_bundle(settings, bundle: Path | None = None) -> Path:
             "ldae_steps_planned": settings.train.ldae_steps,
             "train_config": settings.train.to_dict(),
             "final_train_loss": losses,
-            "init_from": _init_record(settings.init_from),
+            "init_from": _init_record(settings.init_from, settings.model),
         },
         "metrics": {"validation_during_training": last_val},
         "licence": settings.licence,
@@ -93,16 +93,23 @@ def export_bundle(settings, bundle: Path | None = None) -> Path:
     return Path(target)
 
 
-def _init_record(path) -> dict | None:
-    """What a fine-tuned bundle started from (name, content hash, that bundle's training steps)."""
+def _init_record(path, model_cfg) -> dict | None:
+    """What a fine-tuned bundle started from (name, content hash, that bundle's training steps, and
+    which networks were carried: see :func:`ldae_bids.model.train.load_init`)."""
     if not path:
         return None
     from ldae_bids.model.bundle import _read_json, verify_bundle
+    from ldae_bids.model.config import ModelConfig
 
     meta = _read_json(Path(path) / "metadata.json").get("training", {})
-    name = _read_json(Path(path) / "config.json").get("name", Path(path).name)
-    return {"name": name, "content_hash": verify_bundle(Path(path)), "ae_steps": meta.get("ae_steps"),
-            "ldae_steps": meta.get("ldae_steps"), "init_from": meta.get("init_from")}
+    config = _read_json(Path(path) / "config.json")
+    theirs = ModelConfig.from_dict({k: v for k, v in config.items() if k not in ("format", "format_version", "name")})
+    carried = ["autoencoder", "denoiser"]
+    if theirs.semantic_encoder == model_cfg.semantic_encoder:
+        carried.insert(1, "semantic_encoder")
+    return {"name": config.get("name", Path(path).name), "content_hash": verify_bundle(Path(path)),
+            "ae_steps": meta.get("ae_steps"), "ldae_steps": meta.get("ldae_steps"),
+            "init_from": meta.get("init_from"), "carried": carried}
 
 
 def _version(dist_name: str) -> str:

@@ -56,6 +56,19 @@ def discriminator_loss(real_logits, fake_logits) -> torch.Tensor:
     return 0.5 * ((_last(real_logits) - 1).pow(2).mean() + _last(fake_logits).pow(2).mean())
 
 
-def diffusion_loss(eps_pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Epsilon-prediction MSE."""
-    return F.mse_loss(eps_pred.float(), noise.float())
+def diffusion_loss(eps_pred: torch.Tensor, noise: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Epsilon-prediction MSE, optionally weighted per sample (``weights``, shape (B,))."""
+    err = (eps_pred.float() - noise.float()).square().flatten(1).mean(1)
+    return err.mean() if weights is None else (weights.to(err) * err).mean()
+
+
+def high_noise_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, cap: float) -> torch.Tensor:
+    """Per-sample loss weights ``clip(1 / SNR(t), 1, cap)``; ``cap`` 1 gives the plain epsilon loss.
+
+    With epsilon prediction the error at timestep t is ``SNR(t) * |x0_hat - x0|^2``: at high noise,
+    where x_t shows almost nothing of the subject and only y_sem can tell subjects apart, a wrong
+    x0 costs almost nothing, so the semantic encoder gets almost no training signal. Weighting by
+    1/SNR there scores those steps on their x0 error instead (capped, so the loss stays bounded).
+    """
+    ab = alphas_cumprod.to(t.device)[t].float()
+    return (1.0 - ab).div(ab).clamp(min=1.0, max=max(1.0, float(cap)))

@@ -73,6 +73,45 @@ def make_pipeline(model_cfg: ModelConfig, ae, semantic_encoder, denoiser):
 
 
 @torch.no_grad()
+def ysem_use(pipeline, images: torch.Tensor, timesteps=(100, 300, 500, 700, 900), seed: int = 0) -> dict:
+    """Does the denoiser use y_sem? Its noise-prediction error with each image's own y_sem against
+    the error with another image's (the batch rolled by one), at fixed timesteps.
+
+    ``gain`` = other / own - 1: 0 means the denoiser ignores which subject the code comes from
+    (the semantic code then carries nothing the model relies on). Needs at least two images.
+
+    Returns
+    -------
+    dict
+        ``timesteps``, ``own``, ``other`` (mean squared errors) and ``gain`` per timestep, and their
+        mean ``mean_gain``.
+    """
+    if images.shape[0] < 2:
+        raise ValueError("ysem_use needs at least two images")
+    device = pipeline.device
+    z0 = torch.cat([pipeline.encode_latent(images[i:i + 2].to(device)) for i in range(0, images.shape[0], 2)])
+    y = torch.cat([pipeline.encode_semantic(images[i:i + 2].to(device)) for i in range(0, images.shape[0], 2)])
+    other = torch.roll(y, 1, dims=0)
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[str, list] = {"timesteps": [], "own": [], "other": [], "gain": []}
+    for t in timesteps:
+        noise = torch.randn(z0.shape, generator=gen).to(device)
+        tt = torch.full((z0.shape[0],), int(t), device=device, dtype=torch.long)
+        noisy = pipeline.scheduler.add_noise(z0, noise, tt)
+        err = {}
+        for name, cond in (("own", y), ("other", other)):
+            with pipeline.autocast():
+                eps = pipeline.denoiser(noisy, tt, cond).float()
+            err[name] = float((eps - noise).square().mean())
+        out["timesteps"].append(int(t))
+        out["own"].append(err["own"])
+        out["other"].append(err["other"])
+        out["gain"].append(err["other"] / err["own"] - 1.0)
+    out["mean_gain"] = float(np.mean(out["gain"]))
+    return out
+
+
+@torch.no_grad()
 def validate_ldae(pipeline, val_store, steps: int, seed: int, limit: int = 2) -> dict:
     """SSIM/MSE of LDAE reconstructions (inverted x_T) and of y_sem-only samples on validation volumes."""
     from ldae_bids.metrics import similarity
@@ -87,7 +126,20 @@ def validate_ldae(pipeline, val_store, steps: int, seed: int, limit: int = 2) ->
         for key, img in (("recon", rec.images), ("sample", smp)):
             for k, v in similarity(img[i].cpu(), x[i].cpu()).items():
                 out.setdefault(f"val_{key}_{k}", []).append(v)
-    return {k: float(np.mean(v)) for k, v in out.items()}
+    result = {k: float(np.mean(v)) for k, v in out.items()}
+    if len(val_store) >= 2:  # denoiser calls only: cheap enough for more subjects
+        more = val_store.batch(range(min(8, len(val_store))))
+        result["val_ysem_gain"] = ysem_use(pipeline, more, seed=seed)["mean_gain"]
+    return result
+
+
+def calibrate_semantic(encoder: nn.Module, store, device, batch: int = 4) -> int:
+    """Standardisation statistics of ``encoder`` (the EMA copy) over every image of ``store``."""
+    if getattr(encoder, "out_norm", None) is None:
+        return 0
+    with loop.autocast(device):
+        return encoder.calibrate(store.batch(range(i, min(i + batch, len(store)))).to(device)
+                                 for i in range(0, len(store), batch))
 
 
 def train_ldae(settings, dist, store, val_store, ae, latents, scale, state, logger, init=None):
@@ -97,7 +149,7 @@ def train_ldae(settings, dist, store, val_store, ae, latents, scale, state, logg
     """
     from ldae_bids.model.distributed import wrap
     from ldae_bids.model.ema import Ema
-    from ldae_bids.model.losses import diffusion_loss
+    from ldae_bids.model.losses import diffusion_loss, high_noise_weights
     from ldae_bids.model.networks import build_networks, build_scheduler
 
     tc, device = settings.train, dist.device
@@ -105,7 +157,8 @@ def train_ldae(settings, dist, store, val_store, ae, latents, scale, state, logg
     torch.manual_seed(tc.seed + 1)
     nets = build_networks(model_cfg)
     if init is not None:
-        nets["semantic_encoder"].load_state_dict(init.semantic_encoder.state_dict())
+        if init.config.semantic_encoder == model_cfg.semantic_encoder:
+            nets["semantic_encoder"].load_state_dict(init.semantic_encoder.state_dict())
         nets["denoiser"].load_state_dict(init.denoiser.state_dict())
     stage2 = Stage2(nets["semantic_encoder"], nets["denoiser"]).to(device)
     ema = Ema(stage2, tc.ema_decay)
@@ -118,6 +171,7 @@ def train_ldae(settings, dist, store, val_store, ae, latents, scale, state, logg
         ckpt.load_optimizers(settings.output, "ldae", {"ldae": opt})
         log.info("ldae: resuming at step %d / %d", step, total)
     if step >= total:
+        calibrate_semantic(ema.module.semantic_encoder, store, device)
         return ema.module
     model = wrap(stage2, dist)
     scheduler = build_scheduler(model_cfg.scheduler)
@@ -129,6 +183,7 @@ def train_ldae(settings, dist, store, val_store, ae, latents, scale, state, logg
         if tc.ldae_max_minutes and loop.elapsed_minutes(seconds0, start) > tc.ldae_max_minutes:
             total = step
             log.info("ldae: time budget reached at step %d", step)
+            calibrate_semantic(ema.module.semantic_encoder, store, device)
             state.update(stage="ldae", ldae_step=step, ldae_end=total,
                          ldae_seconds=seconds0 + time.time() - start)
             loop.checkpoint_all(settings, dist, "ldae", modules, {"ldae": opt}, state)
@@ -144,7 +199,8 @@ def train_ldae(settings, dist, store, val_store, ae, latents, scale, state, logg
         loop.set_lr(opt, tc.ldae_lr, step)
         with loop.autocast(device):
             eps = model(images, noisy, t)
-        loss = diffusion_loss(eps, noise)
+        weights = high_noise_weights(scheduler.alphas_cumprod, t, tc.ldae_weight_cap) if tc.ldae_weight_cap > 1 else None
+        loss = diffusion_loss(eps, noise, weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(stage2.parameters(), tc.grad_clip)
@@ -156,6 +212,9 @@ def train_ldae(settings, dist, store, val_store, ae, latents, scale, state, logg
             logger(stage="ldae", step=step, loss=float(loss.detach()), grad_norm=float(gnorm),
                    sec_per_step=round((time.time() - t0) / tc.log_every, 3))
             t0 = time.time()
+        if step % tc.val_every == 0 or step % tc.checkpoint_every == 0 or step == total:
+            # y_sem standardised with the EMA encoder's own statistics before it is validated or saved
+            calibrate_semantic(ema.module.semantic_encoder, store, device)
         if dist.is_main and (step % tc.val_every == 0 or step == total):
             pipe = make_pipeline(model_cfg, ae, ema.module.semantic_encoder, ema.module.denoiser)
             logger(stage="ldae", step=step, **validate_ldae(pipe, val_store, tc.val_steps, tc.seed))

@@ -135,8 +135,10 @@ def load_settings(output: Path) -> TrainSettings:
 def load_init(settings: TrainSettings):
     """The bundle a run starts from (``--init-from``), checked against the run's networks.
 
-    Fine-tuning needs the same networks: every constructor argument and the grid must match
-    (the latent scale is recomputed from the new training latents).
+    Fine-tuning needs the same autoencoder, denoiser, scheduler and grid (every constructor
+    argument; the latent scale is recomputed from the new training latents). A semantic
+    encoder of another architecture (e.g. the ``flatten`` head of the current presets on a
+    bundle made with the ``mean`` head) starts from fresh weights; the rest is carried.
     """
     from ldae_bids.errors import InputError
     from ldae_bids.model.bundle import load_bundle
@@ -145,6 +147,10 @@ def load_init(settings: TrainSettings):
     theirs, ours = mb.config.to_dict(), settings.model.to_dict()
     for d in (theirs, ours):
         d.pop("latent_scale", None)
+        d.pop("semantic_encoder", None)
+    if mb.config.semantic_encoder != settings.model.semantic_encoder:
+        log.info("%s: its semantic encoder differs from the %s preset's; that network starts fresh, the "
+                 "autoencoder and the denoiser are carried", settings.init_from, settings.preset)
     if theirs != ours:
         diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
         raise InputError(f"{settings.init_from}: bundle networks differ from the {settings.preset} preset "

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ldae_bids.bids import outputs
-from ldae_bids.bids.discover import SessionInput, SubjectInput
+from ldae_bids.bids.discover import SubjectInput
 from ldae_bids.plugins.api import Level, Stage, StageContext
 from ldae_bids.stages._io import grid_image, load_preproc, load_xt, load_ysem
 
