@@ -13,8 +13,9 @@ Four measurements, each by running ``ldae-bids`` (``python -m ldae_bids``) as a 
    probe is also evaluated on the bundle's validation subjects only (subjects the model never saw): by
    cross-validation within them, and by fitting on the training subjects and scoring the validation ones.
 3. **Manipulation** (``--manip-subjects`` subjects, the bundle's validation subjects first): ``embed`` with
-   x_T, then ``manipulate --probe group/target-age_desc-probe_probe.json --strengths -2 -1 1 2``; the fraction
-   of subjects whose re-encoded predicted age rises monotonically with the strength, and the mean predicted
+   x_T, then ``manipulate --probe group/target-age_desc-probe_probe.json --strengths -2 -1 -0.5 0.5 1 2``; the
+   fraction of subjects whose re-encoded predicted age rises monotonically with the strength (over all of
+   them, and over those within [-1, 1]), and the mean predicted
    age per strength.
 4. **Missing sessions**: ``benchmarks/simulate_longitudinal.py`` makes ``--long-subjects`` longitudinal
    subjects (validation subjects first) at months 0 3 6 15 30, so that leaving out each inner session gives
@@ -58,7 +59,7 @@ if str(REPO / "benchmarks") not in sys.path:
 
 PARTS = ("participant", "group", "manipulate", "fill")
 LONG_MONTHS = (0, 3, 6, 15, 30)
-STRENGTHS = (-2.0, -1.0, 1.0, 2.0)
+STRENGTHS = (-2.0, -1.0, -0.5, 0.5, 1.0, 2.0)
 N_BOOT = 1000
 
 
@@ -443,7 +444,7 @@ def run_manipulate(args, app: App, out: Path, labels: list[str], bundle: dict) -
              "--stages", "embed", "--skip-stages", "preprocess", *steps)
     c2 = app("manipulate", args.bids, out, "participant", "--participant-label", *chosen,
              "--stages", "manipulate", "--skip-stages", "preprocess", "--probe", str(probe),
-             "--strengths", *map(str, STRENGTHS), *steps)
+             "--strengths", *map(str, args.strengths), *steps)
     ages = pd.read_csv(args.bids / "participants.tsv", sep="\t", dtype={"participant_id": str})
     age_of = dict(zip(ages["participant_id"].str.removeprefix("sub-"), pd.to_numeric(ages["age"], errors="coerce")))
     oof_path = out / "group" / "target-age_desc-oof_predictions.tsv"
@@ -469,14 +470,17 @@ def run_manipulate(args, app: App, out: Path, labels: list[str], bundle: dict) -
                          "predicted_age_original_codes": float(orig.iloc[0]) if len(orig) else None,
                          "predicted_age_out_of_fold": oof.get(sub),
                          "predicted_age_reencoded": {f"{a:g}": s for a, s in scores.items()},
-                         "monotonic": bool(side.get("Monotonic"))})
+                         "monotonic": bool(side.get("Monotonic")),
+                         "monotonic_within_1": bool(np.all(np.diff([v for a, v in sorted(scores.items())
+                                                                    if abs(a) <= 1.0]) > 0))})
     ok = [s for s in subjects if "error" not in s]
     slopes = []
     for s in ok:
         a = np.array([float(k) for k in s["predicted_age_reencoded"]])
         v = np.array(list(s["predicted_age_reencoded"].values()))
         slopes.append(float(np.polyfit(a, v, 1)[0]) if a.size > 1 else float("nan"))
-    return {"subjects": subjects, "n_subjects": len(ok), "strengths": [0.0, *STRENGTHS],
+    return {"subjects": subjects, "n_subjects": len(ok), "strengths": [0.0, *args.strengths],
+            "n_monotonic_within_1": int(sum(s["monotonic_within_1"] for s in ok)),
             "ddim_steps": args.ddim_steps,
             "monotonic_fraction": float(np.mean([s["monotonic"] for s in ok])) if ok else None,
             "n_monotonic": int(sum(s["monotonic"] for s in ok)),
@@ -667,7 +671,8 @@ def markdown(rep: dict) -> str:
               f"monotonically with the strength for **{mp['n_monotonic']}/{mp['n_subjects']}** subjects "
               f"(fraction {mp['monotonic_fraction']:.2f}). Slope: "
               f"{mp['slope_years_per_unit_strength'].get('mean', float('nan')):.2f} years per unit strength "
-              "(mean of per-subject least-squares slopes).", "",
+              "(mean of per-subject least-squares slopes). Over the strengths within [-1, 1] only: monotonic for "
+              f"**{mp.get('n_monotonic_within_1', 'n/a')}/{mp['n_subjects']}** subjects.", "",
               "| strength | mean predicted age (re-encoded) | SD | n |", "|---|---|---|---|"]
         for a, s in mp["mean_predicted_age_by_strength"].items():
             L.append(f"| {a} | {s.get('mean', float('nan')):.2f} | {s.get('sd', float('nan')):.2f} | {s['n']} |")
@@ -781,6 +786,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--limit", type=int, default=None, help="first N subjects only")
     ap.add_argument("--ddim-steps", type=int, default=20, help="DDIM steps for x_T inversion and decoding")
     ap.add_argument("--manip-subjects", type=int, default=8)
+    ap.add_argument("--strengths", type=float, nargs="+", default=list(STRENGTHS),
+                    help="manipulation strengths (z-scored units; 0, the reconstruction, is always added)")
     ap.add_argument("--long-subjects", type=int, default=4)
     ap.add_argument("--nprocs", type=int, default=None, help="threads for the app (--nprocs)")
     ap.add_argument("--seed", type=int, default=0)
@@ -826,7 +833,7 @@ def main(argv=None) -> int:
                         "long_subjects": args.long_subjects, "limit": args.limit, "targets": args.targets,
                         "baseline_features": args.baseline_features, "preprocessed": args.preprocessed,
                         "nprocs": args.nprocs, "seed": args.seed, "bids_validation": args.validate,
-                        "strengths": list(STRENGTHS), "long_months": list(LONG_MONTHS)},
+                        "strengths": list(args.strengths), "long_months": list(LONG_MONTHS)},
            "part_seconds": {}, "errors": {}, "calls": app.calls}
     labels = list(subjects)
     steps = [("participant", lambda: run_participant(args, app, out_dir, subjects, bundle)),

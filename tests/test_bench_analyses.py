@@ -74,7 +74,8 @@ def test_bench_analyses_runs_the_app(setup):
     assert val["validation_subjects_embedded"] == 10 and val["validation_cv"] and val["train_to_validation"]
     man = rep["manipulation"]
     assert man["n_subjects"] == 2 and all(s["validation_subject"] for s in man["subjects"])
-    assert set(man["mean_predicted_age_by_strength"]) == {"-2", "-1", "0", "1", "2"}
+    assert set(man["mean_predicted_age_by_strength"]) == {"-2", "-1", "-0.5", "0", "0.5", "1", "2"}
+    assert 0 <= man["n_monotonic_within_1"] <= man["n_subjects"]
     md = (out / "analyses.md").read_text()
     assert "## 2. Probes" in md and "## 3. Manipulation" in md and rep["bundle"]["content_hash"] in md
     # a re-run finds y_sem up to date, except for the two manipulated subjects: their embed stamp now says x_T

@@ -109,7 +109,7 @@ def run(
         "--probe", help="Saved probe(s) to manipulate along (default: group/*_probe.json).",
         rich_help_panel=MODEL)] = None,
     strengths: Annotated[Optional[list[float]], typer.Option(
-        "--strengths", help="Manipulation strengths (z-scored units).", rich_help_panel=MODEL)] = None,
+        "--strengths", help="Manipulation strengths (z-scored units; default -1 -0.5 0.5 1).", rich_help_panel=MODEL)] = None,
     fill_months: Annotated[Optional[list[float]], typer.Option(
         "--fill-months", help="Times (months from the first session) of visits to synthesise.",
         rich_help_panel=MODEL)] = None,

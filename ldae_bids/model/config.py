@@ -9,10 +9,11 @@ Presets
 ``tiny``
     A few thousand parameters on a 16^3 grid, for tests (seconds on the CPU).
 ``compact``
-    The shipped default: 2 mm MNI grid 80x96x80, latent 3x20x24x20, 512-d y_sem,
-    about 14 M parameters (28 MB as float16). Trains in minutes on one GPU, in hours
-    on a CPU (the shipped weights: 2 CPU cores, ~95 min, autoencoder on 48^3 crops
-    then whole volumes; see the bundle's metadata).
+    The shipped default: 2 mm MNI grid 80x96x80, latent 3x20x24x20, 512-d y_sem
+    (flatten head, standardised), stage-2 loss weight cap 20, about 15 M parameters
+    (29 MB as float16). Trains in minutes on one GPU, in hours on a CPU (the shipped
+    weights: 2 CPU cores, about 2.3 hours over two runs; see docs/model.md and the
+    bundle's metadata).
 ``paper``
     The reference configuration: 1.5 mm grid 128x160x128, autoencoder channels
     64/128/128/128, latent 3x16x20x16, 768-d y_sem.
