@@ -147,6 +147,7 @@ def test_init_from_bundle_fine_tunes(synth, tmp_path):
     assert split["validation"] == old.metadata["training"]["split"]["validation"]
     assert new.metadata["training"]["init_from"]["content_hash"] == old.content_hash
     assert new.metadata["training"]["init_from"]["carried"] == ["autoencoder", "semantic_encoder", "denoiser"]
+    assert f"started from: {old.name} (content hash {old.content_hash[:16]}" in (second / "bundle" / "README.md").read_text()
 
 
 def test_init_from_bundle_with_other_semantic_encoder_carries_the_rest(synth, tmp_path):

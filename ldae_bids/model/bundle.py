@@ -101,7 +101,11 @@ def _readme(name: str, config: ModelConfig, metadata: dict, digest: str) -> str:
         f"- training data: {train.get('data', 'n/a')}",
         f"- subjects: {train.get('n_train_subjects')} training, {train.get('n_val_subjects')} validation "
         "(subject-level split in metadata.json)",
-        f"- steps: autoencoder {train.get('ae_steps')}, LDAE {train.get('ldae_steps')}",
+        f"- steps: autoencoder {train.get('ae_steps')}, LDAE {train.get('ldae_steps')}"
+        + (" (this run)" if train.get("init_from") else ""),
+        *([f"- started from: {init.get('name')} (content hash {str(init.get('content_hash'))[:16]}..., autoencoder "
+           f"{init.get('ae_steps')} / LDAE {init.get('ldae_steps')} steps); carried: "
+           f"{', '.join(init.get('carried') or ['all networks'])}"] if (init := train.get("init_from")) else []),
         f"- licence: {metadata.get('licence', 'n/a')} (see LICENSE)",
         f"- content hash (sha256 over config, weights, metadata): {digest}", "",
     ]
