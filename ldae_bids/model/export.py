@@ -100,13 +100,12 @@ def _init_record(path, model_cfg) -> dict | None:
         return None
     from ldae_bids.model.bundle import _read_json, verify_bundle
     from ldae_bids.model.config import ModelConfig
+    from ldae_bids.model.train import carried_networks
 
     meta = _read_json(Path(path) / "metadata.json").get("training", {})
     config = _read_json(Path(path) / "config.json")
     theirs = ModelConfig.from_dict({k: v for k, v in config.items() if k not in ("format", "format_version", "name")})
-    carried = ["autoencoder", "denoiser"]
-    if theirs.semantic_encoder == model_cfg.semantic_encoder:
-        carried.insert(1, "semantic_encoder")
+    carried = carried_networks(theirs, model_cfg)
     return {"name": config.get("name", Path(path).name), "content_hash": verify_bundle(Path(path)),
             "ae_steps": meta.get("ae_steps"), "ldae_steps": meta.get("ldae_steps"),
             "init_from": meta.get("init_from"), "carried": carried}

@@ -157,9 +157,11 @@ def train_ldae(settings, dist, store, val_store, ae, latents, scale, state, logg
     torch.manual_seed(tc.seed + 1)
     nets = build_networks(model_cfg)
     if init is not None:
-        if init.config.semantic_encoder == model_cfg.semantic_encoder:
-            nets["semantic_encoder"].load_state_dict(init.semantic_encoder.state_dict())
-        nets["denoiser"].load_state_dict(init.denoiser.state_dict())
+        from ldae_bids.model.train import carried_networks
+
+        for net in carried_networks(init.config, model_cfg):
+            if net != "autoencoder":  # stage 1 carries that one
+                nets[net].load_state_dict(getattr(init, net).state_dict())
     stage2 = Stage2(nets["semantic_encoder"], nets["denoiser"]).to(device)
     ema = Ema(stage2, tc.ema_decay)
     opt = torch.optim.AdamW(stage2.parameters(), lr=tc.ldae_lr, weight_decay=0.0)

@@ -132,6 +132,14 @@ def load_settings(output: Path) -> TrainSettings:
     )
 
 
+def carried_networks(theirs, ours) -> list[str]:
+    """Networks an ``--init-from`` run takes over from a bundle of config ``theirs`` into config ``ours``:
+    the autoencoder and the denoiser always (:func:`load_init` checks they match), the semantic encoder
+    only when its constructor arguments match too."""
+    same = theirs.semantic_encoder == ours.semantic_encoder
+    return ["autoencoder", "semantic_encoder", "denoiser"] if same else ["autoencoder", "denoiser"]
+
+
 def load_init(settings: TrainSettings):
     """The bundle a run starts from (``--init-from``), checked against the run's networks.
 
@@ -148,7 +156,7 @@ def load_init(settings: TrainSettings):
     for d in (theirs, ours):
         d.pop("latent_scale", None)
         d.pop("semantic_encoder", None)
-    if mb.config.semantic_encoder != settings.model.semantic_encoder:
+    if "semantic_encoder" not in carried_networks(mb.config, settings.model):
         log.info("%s: its semantic encoder differs from the %s preset's; that network starts fresh, the "
                  "autoencoder and the denoiser are carried", settings.init_from, settings.preset)
     if theirs != ours:
