@@ -149,6 +149,14 @@ def test_init_from_bundle_fine_tunes(synth, tmp_path):
     assert new.metadata["training"]["init_from"]["carried"] == ["autoencoder", "semantic_encoder", "denoiser"]
     assert f"started from: {old.name} (content hash {old.content_hash[:16]}" in (second / "bundle" / "README.md").read_text()
 
+    # resumed without --init-from (more stage-2 steps): the checkpointed starting autoencoder is kept, not a
+    # freshly initialised one (the cached latents came from the checkpointed weights)
+    run_cli([str(synth), "-o", str(second), *common, "--ae-steps", "0", "--ae-patch-size", "0",
+             "--ldae-steps", "3", "--val-fraction", "0.5", "--seed", "7"])
+    c = load_file(str(second / "bundle" / "model.safetensors"))
+    assert all(torch.equal(a[k], c[k]) for k in ae_keys)
+    assert json.loads((second / "state.json").read_text())["ldae_step"] == 3
+
 
 def test_init_from_bundle_with_other_semantic_encoder_carries_the_rest(synth, tmp_path):
     """A bundle made with the older mean-pooling semantic encoder: --init-from carries its autoencoder
@@ -226,3 +234,22 @@ def test_time_budget_end_checkpoints_the_autoencoder_that_stage_2_sees(synth, tm
     err = float((z - saved["train"][:1]).norm() / saved["train"][:1].norm())
     other = float((saved["train"][1:2] - saved["train"][:1]).norm() / saved["train"][:1].norm())
     assert err < 5e-3 and err < other / 10, (err, other)
+
+
+def test_stage_2_stopped_by_its_time_budget_continues_with_a_larger_one(synth, tmp_path):
+    """A stage-2 run that its --ldae-max-minutes stopped goes on, from its checkpoint, when called again with a
+    larger budget (the budget counts stage-2 time over all calls: the same budget again adds no step)."""
+    out = tmp_path / "train"
+    common = [str(synth), "-o", str(out), "--preset", "tiny", "--threads", "1", "--ae-steps", "1",
+              "--ae-full-volume-steps", "0", "--checkpoint-every", "1000", "--val-every", "1000", "--ldae-steps", "1000"]
+    run_cli(common + ["--ldae-max-minutes", "0.0001"])
+    stopped = json.loads((out / "state.json").read_text())["ldae_step"]
+    assert 0 < stopped < 1000
+    run_cli(common + ["--ldae-max-minutes", "0.0001"])
+    assert json.loads((out / "state.json").read_text())["ldae_step"] == stopped
+    n_before = len(records(out))
+    common[-1] = str(stopped + 2)
+    run_cli(common + ["--ldae-max-minutes", "60"])
+    assert json.loads((out / "state.json").read_text())["ldae_step"] == stopped + 2
+    steps = [r["step"] for r in records(out)[n_before:] if "loss" in r]
+    assert steps and min(steps) > stopped and max(steps) == stopped + 2

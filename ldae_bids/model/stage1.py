@@ -82,7 +82,9 @@ def train_autoencoder(settings, dist, store, val_store, state, logger, init=None
     patch_end = int(state.get("ae_patch_end", tc.ae_steps))
     total = int(state.get("ae_end", patch_end + full_steps))
     step = int(state.get("ae_step", 0))
-    if step > 0:
+    if step > 0 or (settings.output / "ae-weights.safetensors").exists():
+        # also at step 0: a run with no stage-1 steps checkpointed its starting (e.g. --init-from) weights,
+        # and those, not a fresh network, made the cached latents
         ckpt.load_modules(settings.output, "ae", modules)
         ckpt.load_optimizers(settings.output, "ae", optimizers)
         log.info("autoencoder: resuming at step %d / %d", step, total)

@@ -166,7 +166,9 @@ def train_ldae(settings, dist, store, val_store, ae, latents, scale, state, logg
     ema = Ema(stage2, tc.ema_decay)
     opt = torch.optim.AdamW(stage2.parameters(), lr=tc.ldae_lr, weight_decay=0.0)
     step = int(state.get("ldae_step", 0))
-    total = int(state.get("ldae_end", tc.ldae_steps))
+    # the steps asked now, not those of the first call: a finished or budget-stopped run continues when called
+    # again with more steps or a larger --ldae-max-minutes (the budget counts this stage's time over all calls)
+    total = tc.ldae_steps
     modules = {"stage2": stage2, "ema": ema.module}
     if step > 0:
         ckpt.load_modules(settings.output, "ldae", modules)
@@ -186,7 +188,7 @@ def train_ldae(settings, dist, store, val_store, ae, latents, scale, state, logg
             total = step
             log.info("ldae: time budget reached at step %d", step)
             calibrate_semantic(ema.module.semantic_encoder, store, device)
-            state.update(stage="ldae", ldae_step=step, ldae_end=total,
+            state.update(stage="ldae", ldae_step=step,
                          ldae_seconds=seconds0 + time.time() - start)
             loop.checkpoint_all(settings, dist, "ldae", modules, {"ldae": opt}, state)
             break
