@@ -81,6 +81,14 @@ def test_training_exports_a_bundle_and_resumes(synth, tmp_path):
     assert [r["step"] for r in new if "loss" in r] == [4, 5, 6]
     assert json.loads((out / "state.json").read_text())["ldae_step"] == 6
 
+    # more stage-1 steps once stage 2 has begun: refused (stage 2's cached latents came from these weights)
+    n_before = len(records(out))
+    run_cli([str(synth), "-o", str(out), "--preset", "tiny", "--threads", "1", "--ae-steps", "8",
+             "--ae-full-volume-steps", "1", "--checkpoint-every", "2", "--val-every", "100", "--ldae-steps", "7"])
+    state = json.loads((out / "state.json").read_text())
+    assert state["ae_step"] == 5 and state["ldae_step"] == 7
+    assert all(r["stage"] == "ldae" for r in records(out)[n_before:])
+
 
 def test_checkpoint_weights_reload_exactly(synth, tmp_path):
     from ldae_bids.model import checkpoint as ckpt

@@ -88,6 +88,11 @@ def train_autoencoder(settings, dist, store, val_store, state, logger, init=None
         ckpt.load_modules(settings.output, "ae", modules)
         ckpt.load_optimizers(settings.output, "ae", optimizers)
         log.info("autoencoder: resuming at step %d / %d", step, total)
+    if "latent_scale" in state and step < total:
+        # stage 2 has begun on latents of these weights: training them further would leave its data stale
+        log.warning("autoencoder: stage 2 has begun in %s, stage 1 stays at step %d (train the autoencoder further "
+                    "in a new folder, e.g. with --init-from this run's bundle)", settings.output, step)
+        total = step
     if step >= total:
         if step == 0 and not (settings.output / "ae-weights.safetensors").exists():
             # no stage-1 steps asked (e.g. fine-tuning stage 2 only): keep the starting weights
