@@ -10,8 +10,9 @@ preset's freshly initialised networks (``--bundle`` times a trained compact bund
 
 What is timed, per grid (``compact`` 80x96x80, ``paper`` 128x160x128) and batch size:
 
-- the cost of one call of each network (median of ``--repeats`` after a warm-up): semantic
-  encoder, autoencoder encoder and decoder, LDAE denoiser step, image-space denoiser step;
+- the cost of one call of each network (median of ``--repeats`` after a warm-up; a network whose
+  warm-up call exceeds ``--single-call-s`` is timed by that call alone): semantic encoder,
+  autoencoder encoder and decoder, LDAE denoiser step, image-space denoiser step;
 - from them, for 10/20/50/100 DDIM steps: ``encode`` (y_sem + DDIM inversion), ``decode``
   (DDIM sampling + decoder) and ``reconstruct`` (both), and the image-space / LDAE ratio;
 - a check of that composition: ``reconstruct`` is run end to end at ``--check-steps`` steps for
@@ -19,7 +20,7 @@ What is timed, per grid (``compact`` 80x96x80, ``paper`` 128x160x128) and batch 
 
 One DDIM step is one denoiser call in both methods, so ``N x step + fixed costs`` is the whole
 cost; the composition is what makes the paper grid's image-space baseline measurable on a
-2-core CPU (one of its steps takes tens of seconds there).
+2-core CPU (one of its steps takes minutes there).
 
 Writes ``speed.json`` and ``speed.md`` to ``--out``.
 
@@ -95,23 +96,32 @@ class ImageSpaceDae:
         return self.ddim(x_T, y, steps).clamp(0, 1)
 
 
-def timed(fn, device, repeats: int) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` calls, after one warm-up call."""
+def timed(fn, device, repeats: int, single_call_s: float | None = None) -> tuple[float, int]:
+    """(median seconds of ``fn()`` over ``repeats`` calls after one warm-up call, number of calls timed).
+
+    A warm-up call longer than ``single_call_s`` is itself the measurement (one call timed): for a call of
+    minutes, set-up costs are negligible, and repeating it would cost the benchmark tens of minutes. It
+    includes those set-up costs, so it can only overstate that network's cost.
+    """
     import torch
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    t0 = time.perf_counter()
     fn()
     sync()
+    first = time.perf_counter() - t0
+    if single_call_s is not None and first > single_call_s:
+        return first, 1
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         sync()
         times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return float(np.median(times)), repeats
 
 
 def build(grid: str, bundle: Path | None, device):
@@ -129,8 +139,9 @@ def build(grid: str, bundle: Path | None, device):
     return pipe, ImageSpaceDae(pipe.config, pipe.semantic_encoder, device)
 
 
-def per_call_costs(pipe, img_dae, batch: int, device, repeats: int, seed: int = 0) -> dict:
-    """Seconds of one call of each network at ``batch``."""
+def per_call_costs(pipe, img_dae, batch: int, device, repeats: int, seed: int = 0,
+                   single_call_s: float | None = None) -> tuple[dict, dict]:
+    """(seconds of one call of each network at ``batch``, number of calls each figure is from)."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
@@ -146,13 +157,17 @@ def per_call_costs(pipe, img_dae, batch: int, device, repeats: int, seed: int = 
                 return fn()
         return call
 
-    return {
-        "semantic_encoder": timed(run(lambda: pipe.semantic_encoder(images)), device, repeats),
-        "ae_encoder": timed(run(lambda: pipe.autoencoder.encode(images)), device, repeats),
-        "ae_decoder": timed(run(lambda: pipe.autoencoder.decode(latent)), device, repeats),
-        "ldae_step": timed(run(lambda: pipe.denoiser(latent, t, y)), device, repeats),
-        "image_step": timed(run(lambda: img_dae.denoiser(images, t, y)), device, repeats),
+    calls = {
+        "semantic_encoder": lambda: pipe.semantic_encoder(images),
+        "ae_encoder": lambda: pipe.autoencoder.encode(images),
+        "ae_decoder": lambda: pipe.autoencoder.decode(latent),
+        "ldae_step": lambda: pipe.denoiser(latent, t, y),
+        "image_step": lambda: img_dae.denoiser(images, t, y),
     }
+    costs, n_timed = {}, {}
+    for name, fn in calls.items():
+        costs[name], n_timed[name] = timed(run(fn), device, repeats, single_call_s)
+    return costs, n_timed
 
 
 def compose(c: dict, steps: int) -> dict:
@@ -173,8 +188,8 @@ def end_to_end(pipe, img_dae, steps: int, device) -> dict:
 
     x = torch.rand((1, 1, *pipe.config.image_shape), generator=torch.Generator().manual_seed(1)).to(device)
     return {
-        "ldae": timed(lambda: pipe.reconstruct(x, steps=steps), device, 1),
-        "image_space": timed(lambda: img_dae.reconstruct(x, steps), device, 1),
+        "ldae": timed(lambda: pipe.reconstruct(x, steps=steps), device, 1)[0],
+        "image_space": timed(lambda: img_dae.reconstruct(x, steps), device, 1)[0],
     }
 
 
@@ -219,6 +234,12 @@ def markdown(report: dict) -> str:
                 f"AE encoder {c['ae_encoder']:.3f}, AE decoder {c['ae_decoder']:.3f}, LDAE denoiser step "
                 f"{c['ldae_step']:.4f}, image-space denoiser step {c['image_step']:.3f} "
                 f"(step ratio {c['image_step'] / c['ldae_step']:.1f}x).",
+            ]
+            single = [k for k, n in b.get("calls_timed", {}).items() if n == 1]
+            if single:
+                lines.append(f"Timed by one call each (warm-up call over {report.get('single_call_s')} s, set-up "
+                             f"costs included): {', '.join(single)}.")
+            lines += [
                 "",
                 "| steps | op | LDAE s/subject | image-space s/subject | ratio |",
                 "|---|---|---|---|---|",
@@ -252,6 +273,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--single-call-s", type=float, default=120.0,
+                    help="a network whose warm-up call takes longer than this many seconds is timed by that one "
+                         "call (the paper grid's image-space step on a CPU); 0: always --repeats calls")
     ap.add_argument("--check-steps", type=int, default=2, help="DDIM steps of the end-to-end check (0: none)")
     ap.add_argument("--check-grids", nargs="*", default=["tiny", "compact"], help="grids that get the end-to-end check")
     ap.add_argument("--bundle", type=Path, default=None, help="time this trained compact bundle")
@@ -269,6 +293,7 @@ def main(argv=None) -> int:
         "command": "python benchmarks/bench_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "device": device_name(device), "torch": torch.__version__,
         "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "grids": [],
+        "repeats": args.repeats, "single_call_s": args.single_call_s,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     for grid in args.grids:
@@ -276,9 +301,10 @@ def main(argv=None) -> int:
         entry = {"grid": grid, "image_shape": list(pipe.config.image_shape),
                  "latent_shape": list(pipe.config.latent_shape), "batches": []}
         for b in batches:
-            costs = per_call_costs(pipe, img_dae, b, device, args.repeats)
+            costs, n_timed = per_call_costs(pipe, img_dae, b, device, args.repeats,
+                                             single_call_s=args.single_call_s or None)
             print(f"{grid} batch {b}: " + ", ".join(f"{k} {v:.4f}s" for k, v in costs.items()), flush=True)
-            entry["batches"].append({"batch": b, "per_call_s": costs,
+            entry["batches"].append({"batch": b, "per_call_s": costs, "calls_timed": n_timed,
                                      "steps": [{"steps": s, **compose(costs, s)} for s in args.steps]})
         if args.check_steps and grid in args.check_grids:
             composed = compose(entry["batches"][0]["per_call_s"], args.check_steps) if batches[0] == 1 else None

@@ -54,6 +54,29 @@ def test_report_on_the_tiny_preset(tmp_path):
         assert set(b["per_call_s"]) == {"semantic_encoder", "ae_encoder", "ae_decoder", "ldae_step", "image_step"}
         assert all(v > 0 for v in b["per_call_s"].values())
         assert [s["steps"] for s in b["steps"]] == [2, 4]
+        assert b["calls_timed"] == dict.fromkeys(b["per_call_s"], 1)  # tiny calls: all well under --single-call-s
     assert grid["check"]["steps"] == 2 and grid["check"]["measured"]["ldae"] > 0
     md = (tmp_path / "speed.md").read_text()
     assert "image-space" in md and "| 4 | reconstruct |" in md
+
+
+def test_a_call_longer_than_single_call_s_is_timed_once():
+    """The paper grid's image-space step takes minutes on a CPU: its warm-up call is the measurement."""
+    import time
+
+    import torch
+
+    bench = _bench()
+    calls = []
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.05)
+
+    seconds, n = bench.timed(slow, torch.device("cpu"), repeats=3, single_call_s=0.01)
+    assert n == 1 and len(calls) == 1 and seconds >= 0.05
+    calls.clear()
+    seconds, n = bench.timed(slow, torch.device("cpu"), repeats=3, single_call_s=10.0)
+    assert n == 3 and len(calls) == 4  # warm-up + 3 timed
+    calls.clear()
+    assert bench.timed(slow, torch.device("cpu"), repeats=2)[1] == 2 and len(calls) == 3
