@@ -42,7 +42,7 @@ if str(REPO / "benchmarks") not in sys.path:
     sys.path.insert(0, str(REPO / "benchmarks"))
 
 
-from bench_analyses import App, BenchError, summarise  # noqa: E402  (the same app driver and summaries)
+from bench_analyses import App, BenchError, bundle_info, summarise  # noqa: E402  (the same app driver and summaries)
 
 
 def read_usage(out: Path, before: set[Path]) -> list[dict]:
@@ -155,7 +155,8 @@ def run(args) -> dict:
         "settings": {"n_subjects": len(labels), "ddim_steps": args.ddim_steps, "device": args.device,
                      "batch_size": args.batch_size or "app default", "nprocs": args.nprocs,
                      "n_manipulate": args.n_manipulate, "n_long": args.n_long},
-        "model": str(model), "stages": stages,
+        "model": str(model), "bundle": {k: bundle_info(model)[k] for k in ("name", "content_hash")},
+        "stages": stages,
         "participant_level_seconds_per_subject": float(sum(pe)) if len(pe) == 2 else None,
         "total_seconds": time.perf_counter() - t0,
     })
@@ -169,6 +170,8 @@ def markdown(rep: dict) -> str:
          f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, " + (f"GPU {m['gpu']}" if m["gpu"] else "no GPU")
          + f"; torch {m['torch']}. Device `{st['device']}`, batch {st['batch_size']}, app threads "
          f"{st['nprocs'] or 'default'}, DDIM steps {st['ddim_steps']}, {st['n_subjects']} IXI subjects.", "",
+         *([f"Model bundle: `{rep['bundle']['name']}` (content hash `{rep['bundle']['content_hash']}`).", ""]
+           if rep.get("bundle") else []),
          "Figures from the app's own `logs/resources-<run id>.tsv` (wall seconds of each stage call divided by its "
          "subjects; peak resident memory of the app process so far; CUDA allocator peak during the call).", "",
          "| stage | subjects | batch sizes | s / subject (mean) | median | subjects / hour | peak RSS MiB | peak GPU MiB |",

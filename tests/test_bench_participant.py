@@ -57,7 +57,10 @@ def test_bench_participant_times_every_stage(ixi, tiny_bundle, age_probe, tmp_pa
         assert s["seconds_per_subject"]["mean"] > 0 and s["peak_rss_mb"] > 0 and s["subjects_per_hour"] > 0
     pre, emb = stages["preprocess"]["seconds_per_subject"]["mean"], stages["embed"]["seconds_per_subject"]["mean"]
     assert rep["participant_level_seconds_per_subject"] == pytest.approx(pre + emb)
-    assert "| preprocess | 4 |" in (out / "participant.md").read_text()
+    md = (out / "participant.md").read_text()
+    assert "| preprocess | 4 |" in md
+    digest = json.loads((tiny_bundle / "checksums.json").read_text())["content_hash"]
+    assert rep["bundle"]["content_hash"] == digest and digest in md  # which model made the figures
 
 
 def test_missing_data_folder_skips(tmp_path, capsys):
