@@ -313,7 +313,7 @@ def main(argv=None) -> int:
         args.save_dir.mkdir(parents=True, exist_ok=True)
         (args.save_dir / "DONE").unlink(missing_ok=True)
     bs = args.batch_size or (16 if dev.type == "cuda" else 4)
-    records, failed, sweep_rows, norm_rows = [], [], [], []
+    records, failed, sweep_rows = [], [], []
     t_start = time.perf_counter()
     for start in range(0, len(subjects), bs):
         chunk = subjects[start : start + bs]

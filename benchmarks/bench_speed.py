@@ -330,7 +330,7 @@ def main(argv=None) -> int:
             entry["largest_batch"] = {"ldae": largest_batch(ldae_step, device),
                                       "image_space": largest_batch(img_step, device)}
         report["grids"].append(entry)
-        del pipe, img_dae
+        pipe = img_dae = None  # free this grid's networks before the next is built
         write(report, args.out, device)  # after every grid: a run cut short keeps what it measured
     print(markdown(report))
     return 0
