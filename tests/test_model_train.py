@@ -261,3 +261,30 @@ def test_stage_2_stopped_by_its_time_budget_continues_with_a_larger_one(synth, t
     assert json.loads((out / "state.json").read_text())["ldae_step"] == stopped + 2
     steps = [r["step"] for r in records(out)[n_before:] if "loss" in r]
     assert steps and min(steps) > stopped and max(steps) == stopped + 2
+
+
+def test_loss_curves_show_the_y_sem_gain(tmp_path, monkeypatch):
+    """The training report plots the validation y_sem gain next to the losses (a stage-2-only folder too)."""
+    import matplotlib.pyplot as plt
+
+    from ldae_bids.model.report import plot_losses
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    rows = [{"stage": "ldae", "step": s, "loss": 0.2 / s ** 0.1} for s in range(10, 410, 10)]
+    rows += [{"stage": "ldae", "step": s, "val_recon_ssim": 0.8, "val_sample_ssim": 0.5, "val_ysem_gain": g}
+             for s, g in ((200, 0.002), (400, 0.004))]
+    (logs / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    seen = {}
+    real_savefig = plt.Figure.savefig
+
+    def spy(fig, *a, **k):
+        seen["gain"] = [list(line.get_ydata()) for line in fig.axes[3].get_lines()]
+        seen["texts"] = [t.get_text() for t in fig.axes[0].texts]
+        return real_savefig(fig, *a, **k)
+
+    monkeypatch.setattr(plt.Figure, "savefig", spy)
+    out = plot_losses(tmp_path, tmp_path / "curves.png")
+    assert out.stat().st_size > 0
+    assert [0.002, 0.004] in seen["gain"]
+    assert seen["texts"] and "no steps" in seen["texts"][0]

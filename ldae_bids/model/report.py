@@ -14,19 +14,29 @@ def _records(output: Path) -> list[dict]:
 
 
 def plot_losses(output: Path, target: Path) -> Path:
-    """Training losses of both stages and validation SSIM against step."""
+    """Training losses of both stages (with a running mean), validation SSIM, and the validation y_sem gain
+    (does the denoiser use the semantic code: 0 = ignored) against step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     recs = _records(output)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
     for ax, stage, title in ((axes[0], "ae", "stage 1: autoencoder L1"), (axes[1], "ldae", "stage 2: eps MSE")):
         pts = [(r["step"], r.get("l1", r.get("loss"))) for r in recs if r.get("stage") == stage and "loss" in r]
         if pts:
-            ax.plot(*zip(*pts), lw=0.8)
+            steps, vals = (np.asarray(v, dtype=float) for v in zip(*pts))
+            ax.plot(steps, vals, lw=0.6, alpha=0.5)
+            k = min(25, len(vals))
+            if k > 1:  # the logged losses are single batches: a running mean shows the trend
+                ax.plot(steps[k - 1:], np.convolve(vals, np.ones(k) / k, mode="valid"), lw=1.6,
+                        label=f"mean of {k} logs")
+                ax.legend(fontsize=8)
             ax.set_yscale("log")
+        else:
+            ax.text(0.5, 0.5, "no steps of this stage logged in this folder", ha="center", va="center",
+                    transform=ax.transAxes, fontsize=9)
         ax.set(title=title, xlabel="step")
     for stage, key, label in (("ae", "val_ssim", "AE"), ("ldae", "val_recon_ssim", "LDAE (inverted x_T)"),
                               ("ldae", "val_sample_ssim", "LDAE (random x_T)")):
@@ -35,6 +45,11 @@ def plot_losses(output: Path, target: Path) -> Path:
             axes[2].plot(*zip(*pts), marker="o", label=label)
     axes[2].set(title="validation SSIM (whole volume)", xlabel="step of its stage")
     axes[2].legend(fontsize=8)
+    pts = [(r["step"], r["val_ysem_gain"]) for r in recs if r.get("stage") == "ldae" and "val_ysem_gain" in r]
+    if pts:
+        axes[3].plot(*zip(*pts), marker="o", color="C3")
+    axes[3].axhline(0.0, color="0.5", lw=0.8)
+    axes[3].set(title="y_sem use (validation gain; 0 = ignored)", xlabel="stage-2 step")
     fig.tight_layout()
     fig.savefig(target, dpi=110)
     plt.close(fig)
