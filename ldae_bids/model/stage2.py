@@ -170,10 +170,16 @@ def train_ldae(settings, dist, store, val_store, ae, latents, scale, state, logg
     # again with more steps or a larger --ldae-max-minutes (the budget counts this stage's time over all calls)
     total = tc.ldae_steps
     modules = {"stage2": stage2, "ema": ema.module}
-    if step > 0:
+    if step > 0:  # the folder's own checkpoint wins over --init-from
         ckpt.load_modules(settings.output, "ldae", modules)
         ckpt.load_optimizers(settings.output, "ldae", {"ldae": opt})
         log.info("ldae: resuming at step %d / %d", step, total)
+    elif init is not None:
+        from ldae_bids.model.train import carried_networks
+
+        if "semantic_encoder" not in carried_networks(init.config, model_cfg):
+            log.info("%s: its semantic encoder differs from the %s preset's; that network starts fresh, the "
+                     "autoencoder and the denoiser are carried", settings.init_from, settings.preset)
     if step >= total:
         calibrate_semantic(ema.module.semantic_encoder, store, device)
         return ema.module

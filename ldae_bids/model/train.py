@@ -156,9 +156,6 @@ def load_init(settings: TrainSettings):
     for d in (theirs, ours):
         d.pop("latent_scale", None)
         d.pop("semantic_encoder", None)
-    if "semantic_encoder" not in carried_networks(mb.config, settings.model):
-        log.info("%s: its semantic encoder differs from the %s preset's; that network starts fresh, the "
-                 "autoencoder and the denoiser are carried", settings.init_from, settings.preset)
     if theirs != ours:
         diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
         raise InputError(f"{settings.init_from}: bundle networks differ from the {settings.preset} preset "
