@@ -149,13 +149,14 @@ def run(args) -> dict:
         stages["fill-missing-sessions"]["note"] = (f"{args.n_long} simulated subjects with sessions at 0 and 12 "
                                                    "months, one synthetic session (6 months) each")
     pe = [stages[s]["seconds_per_subject"].get("mean") for s in ("preprocess", "embed") if s in stages]
+    info = bundle_info(model)
     report.update({
         "command": "python benchmarks/bench_participant.py " + " ".join(args.argv),
         "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(args.device),
         "settings": {"n_subjects": len(labels), "ddim_steps": args.ddim_steps, "device": args.device,
                      "batch_size": args.batch_size or "app default", "nprocs": args.nprocs,
                      "n_manipulate": args.n_manipulate, "n_long": args.n_long},
-        "model": str(model), "bundle": {k: bundle_info(model)[k] for k in ("name", "content_hash")},
+        "model": str(model), "bundle": {k: info[k] for k in ("name", "content_hash")},
         "stages": stages,
         "participant_level_seconds_per_subject": float(sum(pe)) if len(pe) == 2 else None,
         "total_seconds": time.perf_counter() - t0,

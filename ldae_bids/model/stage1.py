@@ -82,7 +82,8 @@ def train_autoencoder(settings, dist, store, val_store, state, logger, init=None
     patch_end = int(state.get("ae_patch_end", tc.ae_steps))
     total = int(state.get("ae_end", patch_end + full_steps))
     step = int(state.get("ae_step", 0))
-    if step > 0 or (settings.output / "ae-weights.safetensors").exists():
+    saved = (settings.output / "ae-weights.safetensors").exists()
+    if step > 0 or saved:
         # also at step 0: a run with no stage-1 steps checkpointed its starting (e.g. --init-from) weights,
         # and those, not a fresh network, made the cached latents
         ckpt.load_modules(settings.output, "ae", modules)
@@ -94,7 +95,7 @@ def train_autoencoder(settings, dist, store, val_store, state, logger, init=None
                     "in a new folder, e.g. with --init-from this run's bundle)", settings.output, step)
         total = step
     if step >= total:
-        if step == 0 and not (settings.output / "ae-weights.safetensors").exists():
+        if step == 0 and not saved:
             # no stage-1 steps asked (e.g. fine-tuning stage 2 only): keep the starting weights
             state.update(stage="ae", ae_step=0, ae_end=0)
             loop.checkpoint_all(settings, dist, "ae", modules, optimizers, state)

@@ -156,10 +156,12 @@ def train_ldae(settings, dist, store, val_store, ae, latents, scale, state, logg
     model_cfg = dataclasses.replace(settings.model, latent_scale=scale)
     torch.manual_seed(tc.seed + 1)
     nets = build_networks(model_cfg)
+    carried = []
     if init is not None:
         from ldae_bids.model.train import carried_networks
 
-        for net in carried_networks(init.config, model_cfg):
+        carried = carried_networks(init.config, model_cfg)
+        for net in carried:
             if net != "autoencoder":  # stage 1 carries that one
                 nets[net].load_state_dict(getattr(init, net).state_dict())
     stage2 = Stage2(nets["semantic_encoder"], nets["denoiser"]).to(device)
@@ -174,12 +176,9 @@ def train_ldae(settings, dist, store, val_store, ae, latents, scale, state, logg
         ckpt.load_modules(settings.output, "ldae", modules)
         ckpt.load_optimizers(settings.output, "ldae", {"ldae": opt})
         log.info("ldae: resuming at step %d / %d", step, total)
-    elif init is not None:
-        from ldae_bids.model.train import carried_networks
-
-        if "semantic_encoder" not in carried_networks(init.config, model_cfg):
-            log.info("%s: its semantic encoder differs from the %s preset's; that network starts fresh, the "
-                     "autoencoder and the denoiser are carried", settings.init_from, settings.preset)
+    elif init is not None and "semantic_encoder" not in carried:
+        log.info("%s: its semantic encoder differs from the %s preset's; that network starts fresh, the "
+                 "autoencoder and the denoiser are carried", settings.init_from, settings.preset)
     if step >= total:
         calibrate_semantic(ema.module.semantic_encoder, store, device)
         return ema.module
