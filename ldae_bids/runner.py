@@ -55,6 +55,24 @@ def _peak_rss_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether an exception means a batch did not fit (CUDA or host memory)."""
+    if isinstance(exc, MemoryError):
+        return True
+    torch = sys.modules.get("torch")
+    oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    if oom is not None and isinstance(exc, oom):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _free_device_cache() -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 class UsageLog:
     """Seconds and peak memory of every stage call of a run, written to ``logs/resources-<run id>.tsv``.
 
@@ -168,9 +186,12 @@ class Runner:
             from ldae_bids.device import default_batch_size
 
             batch_size = default_batch_size(self.resources.device)
+        self.batch_limit = batch_size  # lowered for the rest of the run when a batch runs out of memory
         task = progress.add_task("subjects", total=len(subjects)) if progress else None
-        for start in range(0, len(subjects), batch_size):
-            batch = list(subjects[start:start + batch_size])
+        start = 0
+        while start < len(subjects):
+            batch = list(subjects[start:start + self.batch_limit])
+            start += len(batch)
             t0 = time.perf_counter()
             alive = list(batch)
             for stage in self.stages:
@@ -192,44 +213,68 @@ class Runner:
                 results[s.label].skipped.append(stage.name)
             else:
                 todo.append((s, key))
-        if not todo:
-            return subjects
-        if stage.batchable and len(todo) > 1:
-            ctx = self._context(stage)
-            try:
-                with self.usage.measure(stage.name, [s.key for s, _ in todo]):
-                    stage.run_batch(ctx, [s for s, _ in todo])
-            except Exception as exc:  # isolate the culprit by running one by one
-                log.warning("stage %s failed on a batch of %d (%s): retrying subject by subject",
-                            stage.name, len(todo), self._message(exc))
-                ctx.writer.remove_written()
-            else:
-                for s, key in todo:
-                    prefix = (self.settings.output_dir / s.key).resolve()
-                    files = [f for f in ctx.writer.written if Path(f).resolve().is_relative_to(prefix)]
-                    self.stamps.write(s.key, stage.name, key, files, self.settings.run_id)
-                    results[s.label].done.append(stage.name)
-                return subjects
         failed: set[str] = set()
-        for s, key in todo:
-            ctx = self._context(stage)
-            self.stamps.remove(s.key, stage.name)
-            try:
-                with self.usage.measure(stage.name, [s.key]):
-                    stage.run(ctx, s)
-            except Exception as exc:
-                ctx.writer.remove_written()
-                res = results[s.label]
-                res.failed_stage, res.error = stage.name, self._message(exc)
-                res.crash_file = self._crash(s.key, stage, exc)
-                log.error("%s: stage %s failed: %s", s.key, stage.name, res.error)
-                failed.add(s.label)
-                if self.settings.stop_on_first_crash:
-                    raise
-                continue
-            self.stamps.write(s.key, stage.name, key, ctx.writer.written, self.settings.run_id)
-            results[s.label].done.append(stage.name)
+        while todo:
+            if stage.batchable and len(todo) > 1 and self.batch_limit > 1:
+                chunk = todo[:self.batch_limit]
+                outcome = self._run_batch(stage, chunk, results)
+                if outcome == "out of memory":
+                    continue  # the same subjects again, in smaller batches
+                todo = todo[len(chunk):]
+                if outcome == "done":
+                    continue
+                singles = chunk  # isolate the culprit by running one by one
+            else:
+                singles, todo = todo[:1], todo[1:]
+            for s, key in singles:
+                if not self._run_single(stage, s, key, results):
+                    failed.add(s.label)
         return [s for s in subjects if s.label not in failed]
+
+    def _run_batch(self, stage: Stage, chunk: list[tuple[SubjectInput, str]],
+                   results: dict[str, UnitResult]) -> str:
+        """One batched call: ``done``, ``out of memory`` (batch limit halved) or ``failed``."""
+        ctx = self._context(stage)
+        try:
+            with self.usage.measure(stage.name, [s.key for s, _ in chunk]):
+                stage.run_batch(ctx, [s for s, _ in chunk])
+        except Exception as exc:
+            ctx.writer.remove_written()
+            if _out_of_memory(exc):
+                self.batch_limit = max(1, len(chunk) // 2)
+                _free_device_cache()
+                log.warning("stage %s ran out of memory on a batch of %d (%s): batches of %d from now on "
+                            "(set --batch-size to choose)", stage.name, len(chunk), self._message(exc),
+                            self.batch_limit)
+                return "out of memory"
+            log.warning("stage %s failed on a batch of %d (%s): retrying subject by subject",
+                        stage.name, len(chunk), self._message(exc))
+            return "failed"
+        for s, key in chunk:
+            prefix = (self.settings.output_dir / s.key).resolve()
+            files = [f for f in ctx.writer.written if Path(f).resolve().is_relative_to(prefix)]
+            self.stamps.write(s.key, stage.name, key, files, self.settings.run_id)
+            results[s.label].done.append(stage.name)
+        return "done"
+
+    def _run_single(self, stage: Stage, s: SubjectInput, key: str, results: dict[str, UnitResult]) -> bool:
+        ctx = self._context(stage)
+        self.stamps.remove(s.key, stage.name)
+        try:
+            with self.usage.measure(stage.name, [s.key]):
+                stage.run(ctx, s)
+        except Exception as exc:
+            ctx.writer.remove_written()
+            res = results[s.label]
+            res.failed_stage, res.error = stage.name, self._message(exc)
+            res.crash_file = self._crash(s.key, stage, exc)
+            log.error("%s: stage %s failed: %s", s.key, stage.name, res.error)
+            if self.settings.stop_on_first_crash:
+                raise
+            return False
+        self.stamps.write(s.key, stage.name, key, ctx.writer.written, self.settings.run_id)
+        results[s.label].done.append(stage.name)
+        return True
 
     # ------------------------------------------------------------------ group
     def run_group(self, group: GroupInput) -> list[UnitResult]:

@@ -95,6 +95,8 @@ class Stage:
         Whether the stage runs when ``--stages`` is not given.
     batchable : bool
         Whether :meth:`run_batch` handles several subjects at once (GPU batching).
+        A batch that raises an out-of-memory error is retried in halves (the smaller size is kept
+        for the rest of the run); any other error reruns its subjects one by one with :meth:`run`.
     uses_grid : bool
         Whether outputs depend on the model grid (its definition then enters the resume key).
     """

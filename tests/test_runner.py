@@ -1,0 +1,101 @@
+"""The participant runner: batches, out-of-memory back-off, per-subject isolation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ldae_bids.bids.discover import SessionInput, SubjectInput
+from ldae_bids.config import build_settings
+from ldae_bids.plugins.api import Level, Stage
+from ldae_bids.runner import Runner
+from ldae_bids.runtime import Resources
+
+
+def subjects(tmp_path: Path, n: int) -> list[SubjectInput]:
+    out = []
+    for i in range(1, n + 1):
+        label = f"{i:02d}"
+        t1w = tmp_path / "bids" / f"sub-{label}" / "anat" / f"sub-{label}_T1w.nii.gz"
+        t1w.parent.mkdir(parents=True)
+        t1w.write_bytes(b"x" * i)
+        out.append(SubjectInput(label, (SessionInput(label, None, t1w, {"subject": label}),)))
+    return out
+
+
+class Recorder(Stage):
+    """Batchable; writes one file per subject; fails as the class attributes say."""
+
+    name = "rec"
+    level = Level.PARTICIPANT
+    batchable = True
+    calls: list[tuple[str, ...]] = []
+    fits = 99          # larger batches raise ``error``
+    error: type[BaseException] = MemoryError
+    broken: set[str] = set()  # these subjects fail in every call
+
+    def run_batch(self, ctx, units):
+        type(self).calls.append(tuple(u.label for u in units))
+        if len(units) > self.fits:
+            raise self.error("CUDA out of memory. Tried to allocate 2.00 GiB")
+        for u in units:
+            if u.label in self.broken:
+                raise ValueError(f"sub-{u.label}: broken")
+        for u in units:
+            ctx.writer.write_text(u.label, {"subject": u.label, "datatype": "anat", "desc": "rec",
+                                            "suffix": "T1w"}, ".txt")
+
+    def run(self, ctx, unit):
+        self.run_batch(ctx, [unit])
+
+
+def make_runner(tmp_path: Path, stage: type[Stage], batch_size: int) -> Runner:
+    (tmp_path / "out").mkdir(exist_ok=True)
+    settings = build_settings(bids_dir=tmp_path / "bids", output_dir=tmp_path / "out",
+                              analysis_level="participant", batch_size=batch_size, device="cpu")
+    return Runner(settings, [stage], Resources(settings))
+
+
+def recorder(**attrs) -> type[Recorder]:
+    return type("Rec", (Recorder,), {"calls": [], **attrs})
+
+
+@pytest.mark.parametrize("error", [MemoryError, RuntimeError])
+def test_a_batch_that_runs_out_of_memory_is_retried_in_halves(tmp_path, caplog, error):
+    stage = recorder(fits=2, error=error)
+    runner = make_runner(tmp_path, stage, batch_size=4)
+    results = runner.run_participant(subjects(tmp_path, 7))
+    assert [r.status for r in results] == ["done"] * 7
+    # 4 did not fit -> 2 + 2; the limit stays at 2 for the rest of the run (3 + 1 never tried as 3)
+    assert stage.calls == [("01", "02", "03", "04"), ("01", "02"), ("03", "04"), ("05", "06"), ("07",)]
+    assert runner.batch_limit == 2
+    assert "ran out of memory on a batch of 4" in caplog.text and "batches of 2 from now on" in caplog.text
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("sub-*/anat/*.txt")) == [
+        f"sub-{i:02d}_desc-rec_T1w.txt" for i in range(1, 8)]
+    # the out-of-memory call shows in the resource log as failed, the retries as done
+    statuses = [r["status"] for r in runner.usage.rows]
+    assert statuses == ["failed", "done", "done", "done", "done"]
+
+
+def test_other_errors_isolate_the_subject_without_shrinking_batches(tmp_path):
+    stage = recorder(broken={"02"})
+    runner = make_runner(tmp_path, stage, batch_size=3)
+    results = runner.run_participant(subjects(tmp_path, 5))
+    assert [r.status for r in results] == ["done", "failed", "done", "done", "done"]
+    assert results[1].error == "ValueError: sub-02: broken" and results[1].crash_file.is_file()
+    assert stage.calls == [("01", "02", "03"), ("01",), ("02",), ("03",), ("04", "05")]
+    assert runner.batch_limit == 3
+    # the failed batch's files were rolled back, then rewritten by the single runs; none for sub-02
+    assert not list((tmp_path / "out").glob("sub-02/anat/*"))
+    assert len(list((tmp_path / "out").glob("sub-0[1345]/anat/*.txt"))) == 4
+
+
+def test_out_of_memory_at_batch_one_fails_only_that_subject(tmp_path):
+    stage = recorder(fits=0)
+    runner = make_runner(tmp_path, stage, batch_size=2)
+    results = runner.run_participant(subjects(tmp_path, 2))
+    assert [r.status for r in results] == ["failed", "failed"]
+    assert stage.calls == [("01", "02"), ("01",), ("02",)]
+    assert "MemoryError" in results[0].error
