@@ -165,6 +165,15 @@ def test_init_from_bundle_fine_tunes(synth, tmp_path):
     assert all(torch.equal(a[k], c[k]) for k in ae_keys)
     assert json.loads((second / "state.json").read_text())["ldae_step"] == 3
 
+    # no steps at all: the bundle is re-exported as it was (e.g. under another name or licence)
+    third = tmp_path / "third"
+    run_cli([str(synth), "-o", str(third), *common, "--ae-steps", "0", "--ae-patch-size", "0", "--ldae-steps", "0",
+             "--init-from", str(first / "bundle"), "--bundle-name", "renamed", "--licence", "CC0-1.0"])
+    same = load_bundle(third / "bundle")
+    d = load_file(str(third / "bundle" / "model.safetensors"))
+    assert same.name == "renamed" and same.metadata["licence"] == "CC0-1.0"
+    assert all(torch.equal(a[k], d[k]) for k in a if ".out_norm." not in k)
+
 
 def test_init_from_bundle_with_other_semantic_encoder_carries_the_rest(synth, tmp_path):
     """A bundle made with the older mean-pooling semantic encoder: --init-from carries its autoencoder

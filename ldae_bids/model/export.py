@@ -54,7 +54,8 @@ def export_bundle(settings, bundle: Path | None = None) -> Path:
     pipeline = make_pipeline(model_cfg, nets["autoencoder"], nets["semantic_encoder"], nets["denoiser"]).eval()
     split = json.loads((out / "split.json").read_text())
     train_paths = images_of(split, "train")
-    records = [json.loads(line) for line in (out / "logs" / "train.jsonl").read_text().splitlines() if line]
+    log_file = out / "logs" / "train.jsonl"  # absent when no step ran (--ldae-steps 0 with --init-from)
+    records = [json.loads(line) for line in log_file.read_text().splitlines() if line] if log_file.is_file() else []
     last_val = {}
     for stage in ("ae", "ldae"):
         vals = [r for r in records if r.get("stage") == stage and any(k.startswith("val_") for k in r)]

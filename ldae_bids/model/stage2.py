@@ -181,6 +181,9 @@ def train_ldae(settings, dist, store, val_store, ae, latents, scale, state, logg
                  "autoencoder and the denoiser are carried", settings.init_from, settings.preset)
     if step >= total:
         calibrate_semantic(ema.module.semantic_encoder, store, device)
+        if step == 0 and init is not None:  # --ldae-steps 0: the carried networks, checkpointed for export
+            state.update(stage="ldae", ldae_step=0, ldae_seconds=state.get("ldae_seconds", 0.0))
+            loop.checkpoint_all(settings, dist, "ldae", modules, {"ldae": opt}, state)
         return ema.module
     model = wrap(stage2, dist)
     scheduler = build_scheduler(model_cfg.scheduler)
