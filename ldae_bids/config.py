@@ -7,6 +7,7 @@ with ``ldae-bids --config-file logs/config-<run id>.toml`` (style.md #1).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import uuid
@@ -153,6 +154,10 @@ def build_settings(**kwargs: Any) -> Settings:
     for name in ("strengths", "fill_months"):
         if name in kw:
             kw[name] = tuple(float(v) for v in kw[name])
+    for alpha in kw.get("strengths", ()):
+        if not math.isfinite(alpha) or abs(alpha) > 100 or round(alpha, 2) != alpha:
+            raise UsageError(f"--strengths {alpha:g}: expected a number between -100 and 100 with at most two "
+                             "decimals (it names the output files)")
     if "participant_label" in kw:
         kw["participant_label"] = tuple(_strip_prefix(v, "sub-") for v in kw["participant_label"])
     if "session_label" in kw:

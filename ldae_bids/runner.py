@@ -253,12 +253,13 @@ class Runner:
         for s, key in chunk:
             prefix = (self.settings.output_dir / s.key).resolve()
             files = [f for f in ctx.writer.written if Path(f).resolve().is_relative_to(prefix)]
-            self.stamps.write(s.key, stage.name, key, files, self.settings.run_id)
+            self._stamp(s, stage.name, key, files, self.stamps.read(s.key, stage.name))
             results[s.label].done.append(stage.name)
         return "done"
 
     def _run_single(self, stage: Stage, s: SubjectInput, key: str, results: dict[str, UnitResult]) -> bool:
         ctx = self._context(stage)
+        previous = self.stamps.read(s.key, stage.name)
         self.stamps.remove(s.key, stage.name)
         try:
             with self.usage.measure(stage.name, [s.key]):
@@ -272,9 +273,25 @@ class Runner:
             if self.settings.stop_on_first_crash:
                 raise
             return False
-        self.stamps.write(s.key, stage.name, key, ctx.writer.written, self.settings.run_id)
+        self._stamp(s, stage.name, key, ctx.writer.written, previous)
         results[s.label].done.append(stage.name)
         return True
+
+    def _stamp(self, s: SubjectInput, stage: str, key: str, files: list[Path], previous: dict | None) -> None:
+        """Record a finished (subject, stage); then remove the files its previous run wrote and this one did not
+        (e.g. the counterfactuals of strengths no longer asked for), so the outputs match the current settings.
+        Only when both runs saw the same sessions: a run on fewer (``--session-label``) keeps the others' files."""
+        unit, sessions = s.key, sorted(ses.key for ses in s.sessions)
+        self.stamps.write(unit, stage, key, files, self.settings.run_id, sessions)
+        if not previous or previous.get("sessions") != sessions:
+            return
+        root = self.settings.output_dir.resolve()
+        kept = {Path(f).resolve() for f in files}
+        for rel in previous.get("files", []):
+            path = (root / rel).resolve()
+            if path not in kept and path.is_relative_to(root) and path.is_file():
+                path.unlink()
+                log.info("%s: removed %s (written by an earlier run of %s, not by this one)", unit, rel, stage)
 
     # ------------------------------------------------------------------ group
     def run_group(self, group: GroupInput) -> list[UnitResult]:

@@ -66,10 +66,11 @@ class StampStore:
             return {}
         return {p.stem: self.key_of(unit, p.stem) or "" for p in sorted(folder.glob("*.json"))}
 
-    def write(self, unit: str, stage: str, key: str, files: list[Path], run_id: str) -> None:
+    def write(self, unit: str, stage: str, key: str, files: list[Path], run_id: str,
+              sessions: list[str] | None = None) -> None:
         rel = sorted({Path(f).resolve().relative_to(self.output_dir.resolve()).as_posix() for f in files})
         atomic_write_json(self.path(unit, stage), {
-            "stage": stage, "key": key, "files": rel, "run_id": run_id,
+            "stage": stage, "key": key, "files": rel, "run_id": run_id, "sessions": sessions,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         })
 

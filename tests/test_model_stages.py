@@ -104,9 +104,9 @@ def test_manipulate_and_fill_missing(prepared, tmp_path):
                 "--strengths", "-2", "2", "--fill-months", "3", "9", "30", "--session-time", "label",
                 "--stage-option", "fill-missing-sessions.evaluate=yes") == 0
     anat = out / "sub-02" / "anat"
-    plus = anat / "sub-02_space-MNI152NLin2009cAsym_res-10_desc-manipAgePlus20_T1w.nii.gz"
-    assert plus.is_file() and (anat / "sub-02_space-MNI152NLin2009cAsym_res-10_desc-manipAgeMinus20diff_T1w.nii.gz"
-                               ).is_file()
+    plus = anat / "sub-02_space-MNI152NLin2009cAsym_res-10_desc-manipAgePlus2_T1w.nii.gz"
+    minus_diff = anat / "sub-02_space-MNI152NLin2009cAsym_res-10_desc-manipAgeMinus2diff_T1w.nii.gz"
+    assert plus.is_file() and minus_diff.is_file()
     side = json.loads(plus.with_name(plus.name.replace(".nii.gz", ".json")).read_text())
     assert side["Strength"] == 2.0 and "ProbeScoreManipulated" in side
     table = pd.read_csv(anat / "sub-02_desc-manipAge_predictions.tsv", sep="\t")
@@ -120,6 +120,13 @@ def test_manipulate_and_fill_missing(prepared, tmp_path):
     assert abs(meta["Fraction"] - 0.5) < 0.05
     ev = pd.read_csv(out / "sub-01" / "anat" / "sub-01_desc-filleval_metrics.tsv", sep="\t")
     assert set(ev["method"]) == {"ldae", "nearest", "blend"} and set(ev["held_out"]) == {"ses-M06"}
+    # other strengths: the new counterfactuals are written, those of -2 (no longer asked) are removed
+    assert _run(bids, out, bundle, "--stages", "manipulate", "--probe", probe, "--strengths", "-0.25", "2") == 0
+    assert (anat / "sub-02_space-MNI152NLin2009cAsym_res-10_desc-manipAgeMinus0p25_T1w.nii.gz").is_file()
+    assert plus.is_file() and not minus_diff.exists()
+    assert not list(anat.glob("*manipAgeMinus2*"))
+    table = pd.read_csv(anat / "sub-02_desc-manipAge_predictions.tsv", sep="\t")
+    assert list(table["strength"]) == [-0.25, 0.0, 2.0]
     exe = shutil.which("bids-validator-deno") or shutil.which("bids-validator")
     if exe:
         proc = subprocess.run([exe, "--format", "json", str(out)], capture_output=True, text=True,

@@ -99,3 +99,44 @@ def test_out_of_memory_at_batch_one_fails_only_that_subject(tmp_path):
     assert [r.status for r in results] == ["failed", "failed"]
     assert stage.calls == [("01", "02"), ("01",), ("02",)]
     assert "MemoryError" in results[0].error
+
+
+class Writer(Stage):
+    """Writes one file per (session, name in ``names``); its version is part of the resume key."""
+
+    name = "writer"
+    level = Level.PARTICIPANT
+    names: tuple[str, ...] = ("a", "b")
+
+    def run(self, ctx, unit):
+        for ses in unit.sessions:
+            for n in self.names:
+                ctx.writer.write_text(n, {**ses.entities, "datatype": "anat", "desc": n, "suffix": "T1w"}, ".txt")
+
+
+def test_a_rerun_with_other_settings_removes_what_it_no_longer_writes(tmp_path):
+    t1w = {}
+    for ses in ("1", "2"):
+        t1w[ses] = tmp_path / "bids" / "sub-01" / f"ses-{ses}" / "anat" / f"sub-01_ses-{ses}_T1w.nii.gz"
+        t1w[ses].parent.mkdir(parents=True)
+        t1w[ses].write_bytes(b"x")
+    sessions = {k: SessionInput("01", k, p, {"subject": "01", "session": k}) for k, p in t1w.items()}
+    both = SubjectInput("01", (sessions["1"], sessions["2"]))
+    out = tmp_path / "out" / "sub-01"
+
+    def files():
+        return sorted(p.name for p in out.rglob("*.txt"))
+
+    stage = type("W", (Writer,), {"version": "1", "names": ("a", "b")})
+    assert make_runner(tmp_path, stage, 1).run_participant([both])[0].status == "done"
+    assert files() == ["sub-01_ses-1_desc-a_T1w.txt", "sub-01_ses-1_desc-b_T1w.txt",
+                       "sub-01_ses-2_desc-a_T1w.txt", "sub-01_ses-2_desc-b_T1w.txt"]
+    # other settings (here: version), same sessions: 'b' is no longer written, so its old files go
+    stage = type("W", (Writer,), {"version": "2", "names": ("a",)})
+    assert make_runner(tmp_path, stage, 1).run_participant([both])[0].status == "done"
+    assert files() == ["sub-01_ses-1_desc-a_T1w.txt", "sub-01_ses-2_desc-a_T1w.txt"]
+    # a run on one session only keeps the other session's files
+    stage = type("W", (Writer,), {"version": "3", "names": ("c",)})
+    only = SubjectInput("01", (sessions["1"],))
+    assert make_runner(tmp_path, stage, 1).run_participant([only])[0].status == "done"
+    assert files() == ["sub-01_ses-1_desc-a_T1w.txt", "sub-01_ses-1_desc-c_T1w.txt", "sub-01_ses-2_desc-a_T1w.txt"]

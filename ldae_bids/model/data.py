@@ -97,7 +97,7 @@ class VolumeStore:
 
     def batch(self, indices) -> torch.Tensor:
         """(B, 1, D, H, W) float32 batch of the given indices."""
-        return torch.stack([self.volumes[int(i)] for i in indices]).float()
+        return torch.stack([self.volumes[int(i)].float() for i in indices])
 
 
 def random_patches(images: torch.Tensor, size: tuple[int, int, int], rng: np.random.Generator) -> torch.Tensor:

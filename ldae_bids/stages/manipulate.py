@@ -20,8 +20,9 @@ from ldae_bids.stages._io import grid_image, load_preproc, load_xt, load_ysem
 
 
 def strength_label(alpha: float) -> str:
-    """``2.0`` -> ``Plus20``, ``-0.5`` -> ``Minus05`` (tenths; BIDS labels are alphanumeric)."""
-    return ("Plus" if alpha >= 0 else "Minus") + f"{round(abs(alpha) * 10):02d}"
+    """``1.0`` -> ``Plus1``, ``-0.5`` -> ``Minus0p5``, ``2.25`` -> ``Plus2p25`` ('p' is the decimal point:
+    BIDS labels are alphanumeric). Strengths have at most two decimals (checked by the settings)."""
+    return ("Plus" if alpha >= 0 else "Minus") + f"{abs(alpha):g}".replace(".", "p")
 
 
 def probe_paths(settings) -> list[Path]:
@@ -37,7 +38,7 @@ def probe_paths(settings) -> list[Path]:
 class ManipulateStage(Stage):
     name = "manipulate"
     level = Level.PARTICIPANT
-    version = "1"
+    version = "2"
     description = "counterfactual images along probe directions (needs probes from the group level)"
     requires = ("embed",)
     needs_model = True
