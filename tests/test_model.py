@@ -311,3 +311,20 @@ def test_onednn_routing_matches_pytorch_and_keeps_gradients():
     loss = net(z, torch.tensor([3, 7]), torch.randn(2, plain.config.semantic_encoder.emb_dim)).square().mean()
     loss.backward()
     assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+
+
+def test_mixed_precision_path_under_cpu_bf16_autocast(monkeypatch):
+    """On CUDA the networks run in bf16 autocast. CI has no GPU, so CPU bf16 autocast stands in for it:
+    every result must come back float32 and stay close to the float32 path (dtype slips fail here)."""
+    from ldae_bids.model.pipeline import LdaePipeline
+
+    pipe = tiny_pipeline()
+    x = torch.rand(2, 1, *pipe.config.image_shape)
+    ref = pipe.reconstruct(x, steps=3)
+    monkeypatch.setattr(LdaePipeline, "autocast", lambda self: torch.autocast("cpu", dtype=torch.bfloat16))
+    out = pipe.reconstruct(x, steps=3)
+    samples = pipe.sample(out.y_sem, torch.Generator().manual_seed(0), steps=2)
+    for t in (out.images, out.y_sem, out.x_T, samples):
+        assert t.dtype == torch.float32 and torch.isfinite(t).all()
+    assert float((out.images - ref.images).abs().mean()) < 0.05
+    assert float((out.y_sem - ref.y_sem).norm() / ref.y_sem.norm()) < 0.05

@@ -297,3 +297,21 @@ def test_loss_curves_show_the_y_sem_gain(tmp_path, monkeypatch):
     assert out.stat().st_size > 0
     assert [0.002, 0.004] in seen["gain"]
     assert seen["texts"] and "no steps" in seen["texts"][0]
+
+
+def test_training_under_cpu_bf16_autocast(synth, tmp_path, monkeypatch):
+    """Training's mixed-precision path (bf16 autocast on CUDA) emulated with CPU bf16 autocast: both stages,
+    validation and export run, and the bundle loads."""
+    from ldae_bids.model import loop
+    from ldae_bids.model.bundle import load_bundle
+    from ldae_bids.model.pipeline import LdaePipeline
+
+    monkeypatch.setattr(loop, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    monkeypatch.setattr(LdaePipeline, "autocast", lambda self: torch.autocast("cpu", dtype=torch.bfloat16))
+    out = tmp_path / "bf16"
+    run_cli([str(synth), "-o", str(out), "--preset", "tiny", "--threads", "1", "--ae-steps", "2",
+             "--ae-full-volume-steps", "1", "--ldae-steps", "2", "--checkpoint-every", "2", "--val-every", "2"])
+    mb = load_bundle(out / "bundle")
+    vals = [json.loads(line) for line in (out / "logs" / "train.jsonl").read_text().splitlines()]
+    assert any("val_recon_ssim" in r and r["stage"] == "ldae" for r in vals)
+    assert mb.metadata["training"]["ldae_steps"] == 2
