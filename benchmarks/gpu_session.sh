@@ -28,6 +28,12 @@ AE_STEPS=${AE_STEPS:-150} LDAE_STEPS=${LDAE_STEPS:-300} NPROCS=${NPROCS:-16}
 #   DEVICE=cpu SKIP_INSTALL=1 GRIDS=tiny N_SUBJECTS=10 BATCH=2 AE_STEPS=2 LDAE_STEPS=2 NPROCS=1 \
 #   bash benchmarks/gpu_session.sh run /tmp/gpu-dry
 
+travelling_bytes() {
+    local files
+    files=$(git ls-files -z --cached --others --exclude-standard | du -cb --files0-from=- 2>/dev/null | tail -n 1 | cut -f1)
+    echo $((files + $(du -sb .whl | cut -f1) + $(du -sb .kit | cut -f1)))
+}
+
 kit() {
     local py=${PYTHON:-python3} plat=()
     for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 \
@@ -55,7 +61,18 @@ kit() {
     head -n $((N_KIT + 1)) "$ixi/participants.tsv" > .kit/ixi/participants.tsv
     for s in $(tail -n +2 .kit/ixi/participants.tsv | cut -f1); do cp -r "$ixi/$s" .kit/ixi/; done
     cp -r "$HERE/../shared/templateflow" .kit/templateflow
-    echo "kit: $(du -sh .whl | cut -f1) wheels, $(du -sh .kit | cut -f1) data; tracked files $(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1) bytes (all must stay under 64 MiB)"
+    # what travels (tracked and untracked-not-ignored files + the two carried folders) must stay under 64 MiB:
+    # drop carried subjects (at least 2 stay) until it fits with half a MiB to spare
+    local limit=$((64 * 1024 * 1024 - 512 * 1024)) total last
+    total=$(travelling_bytes)
+    while [ "$total" -gt "$limit" ] && [ "$(tail -n +2 .kit/ixi/participants.tsv | wc -l)" -gt 2 ]; do
+        last=$(tail -n 1 .kit/ixi/participants.tsv | cut -f1)
+        rm -rf ".kit/ixi/$last" && sed -i '$d' .kit/ixi/participants.tsv
+        echo "kit: $total bytes would travel; dropped $last"
+        total=$(travelling_bytes)
+    done
+    [ "$total" -le "$limit" ] || { echo "gpu_session kit: $total bytes would travel, over the limit" >&2; exit 1; }
+    echo "kit: $total bytes travel ($(tail -n +2 .kit/ixi/participants.tsv | wc -l) subjects); $(du -sh .whl | cut -f1) wheels, $(du -sh .kit | cut -f1) data; tracked files $(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1) bytes (all must stay under 64 MiB)"
 }
 
 run() {
