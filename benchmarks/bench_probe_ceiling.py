@@ -1,0 +1,180 @@
+#!/usr/bin/env python
+"""What a linear probe can read from each representation of the same images (issue 5).
+
+The age and sex probes on y_sem are compared, in the same folds, with the same probe run on:
+
+- ``voxels``: the model-ready image itself (every voxel inside the union of the brain masks): the input
+  of both encoders, so what a linear read-out of the preprocessed image gives;
+- ``latent``: the autoencoder latent of that image (posterior mean, scaled; 28,800 numbers for the compact
+  preset), what the diffusion autoencoder works on;
+- ``y_sem``: the semantic code (512 numbers for the compact preset);
+- ``roi``: the classical baseline, regional volumes from a native-space segmentation (DLMUSE).
+
+Every row uses the app's own probe (:func:`ldae_bids.analysis.probe.fit_probe`: subject-grouped K-fold CV,
+ridge / logistic regression with the regularisation chosen inside the training folds, 95% subject-bootstrap
+intervals) with the same seed, so the folds are the same for every representation. Only subjects with
+an image and every feature are used. Writes ``probe_ceiling.json`` and ``probe_ceiling.md`` to ``--out``;
+skips with a message (exit 0) when the data, the bundle or the participants table is absent.
+
+Usage::
+
+    python benchmarks/bench_probe_ceiling.py --data /work/cache/ixi-preproc --bids ../shared/data/ixi \\
+        [--bundle BUNDLE] [--targets age sex] [--n-boot 1000] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+FEATURES = ("voxels", "latent", "y_sem", "roi")
+HEADLINE = {"regression": "mae", "classification": "auroc"}
+
+
+def read_table(path: Path) -> dict[str, dict[str, str]]:
+    """``{label without 'sub-': row}`` of a BIDS-style TSV with a participant_id column."""
+    import pandas as pd
+
+    df = pd.read_csv(path, sep="\t", dtype=str)
+    return {str(r["participant_id"]).removeprefix("sub-"): r for r in df.to_dict("records")}
+
+
+def image_features(data: Path, labels: list[str], pipe, shape, batch: int):
+    """Voxels (inside the union of the masks), scaled latents and y_sem of each subject's model-ready image."""
+    import torch
+
+    from ldae_bids.model.data import load_volume
+
+    vols = np.stack([load_volume(data / f"sub-{s}_desc-preproc_T1w.nii.gz", shape) for s in labels])
+    union = np.zeros(shape, bool)
+    for s in labels:
+        mask = data / f"sub-{s}_desc-brain_mask.nii.gz"
+        union |= load_volume(mask, shape) > 0.5 if mask.is_file() else np.ones(shape, bool)
+    latents, codes = [], []
+    for i in range(0, len(labels), batch):
+        x = torch.from_numpy(vols[i:i + batch])[:, None]
+        latents.append(pipe.encode_latent(x).flatten(1).cpu().numpy())
+        codes.append(pipe.encode_semantic(x).cpu().numpy())
+    return {"voxels": vols[:, union].astype(np.float32), "latent": np.concatenate(latents),
+            "y_sem": np.concatenate(codes)}
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        "# What a linear probe reads from each representation (issue 5)", "",
+        f"Date: {result['date']}. Command: `{result['command']}`", "",
+        f"Bundle `{result['bundle']['name']}` (content hash `{result['bundle']['content_hash'][:16]}...`); "
+        f"{result['n_subjects']} subjects with an image and every feature; {result['n_splits']}-fold "
+        f"subject-grouped CV, seed {result['seed']}, the same folds for every row; 95% subject-bootstrap "
+        f"intervals ({result['n_boot']} draws). Probe: the app's `fit_probe` (ridge / logistic regression, "
+        "regularisation chosen inside the training folds).", "",
+        "| features | dimensions | " + " | ".join(f"{t} {HEADLINE[k]}" for t, k in result["kinds"].items()) + " |",
+        "|---|---|" + "---|" * len(result["kinds"]),
+    ]
+    for name in FEATURES:
+        row = result["features"].get(name)
+        if row is None:
+            continue
+        cells = []
+        for target in result["kinds"]:
+            m = row["targets"].get(target)
+            cells.append("n/a" if m is None else f"{m['value']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]")
+        lines.append(f"| {name} | {row['dim']:,} | " + " | ".join(cells) + " |")
+    lines += ["", "Trivial predictor (training-fold mean / class prior), same folds: " + ", ".join(
+        f"{t} {HEADLINE[result['kinds'][t]]} {v:.3f}" for t, v in result["trivial"].items()) + ".", "",
+        "voxels = the model-ready image (inside the union of the brain masks), latent = its autoencoder "
+        "latent, y_sem = the semantic code, roi = regional volumes of a native-space segmentation.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, default=Path("/work/cache/ixi-preproc"),
+                    help="model-ready images sub-<l>_desc-preproc_T1w.nii.gz (bench_preprocess.py --save-dir)")
+    ap.add_argument("--bids", type=Path, default=REPO.parent / "shared" / "data" / "ixi",
+                    help="dataset with participants.tsv (and derivatives/dlmuse/roi_volumes.tsv)")
+    ap.add_argument("--roi", type=Path, default=None, help="classical features TSV (default: BIDS/derivatives/"
+                    "dlmuse/roi_volumes.tsv)")
+    ap.add_argument("--bundle", type=Path, default=None, help="bundle folder (default: the shipped model)")
+    ap.add_argument("--targets", nargs="+", default=["age", "sex"])
+    ap.add_argument("--n-splits", type=int, default=5)
+    ap.add_argument("--n-boot", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--limit", type=int, default=None, help="at most this many subjects (tests)")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from ldae_bids.analysis.probe import fit_probe
+    from ldae_bids.model.bundle import default_bundle_path, load_bundle
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bundle_path = args.bundle or default_bundle_path()
+    participants = args.bids / "participants.tsv"
+    roi_path = args.roi or args.bids / "derivatives" / "dlmuse" / "roi_volumes.tsv"
+    for path, what in ((bundle_path / "config.json", "model bundle"), (args.data, "model-ready images"),
+                       (participants, "participants table")):
+        if not path.exists():
+            print(f"skipped: {what} not found at {path}")
+            return 0
+    mb = load_bundle(bundle_path, device="cpu")
+    people = read_table(participants)
+    roi = read_table(roi_path) if roi_path.is_file() else {}
+    labels = sorted(s for s in people if (args.data / f"sub-{s}_desc-preproc_T1w.nii.gz").is_file()
+                    and (not roi or s in roi))[: args.limit]
+    if len(labels) < 2 * args.n_splits:
+        print(f"skipped: only {len(labels)} subjects with an image{' and ROI volumes' if roi else ''}")
+        return 0
+    t0 = time.time()
+    feats = image_features(args.data, labels, mb.pipeline, tuple(mb.config.image_shape), args.batch_size)
+    if roi:
+        cols = [c for c in next(iter(roi.values())) if c != "participant_id"]
+        feats["roi"] = np.array([[float(roi[s][c]) for c in cols] for s in labels])
+    print(f"features of {len(labels)} subjects in {time.time() - t0:.0f} s: " + ", ".join(
+        f"{k} {v.shape[1]}" for k, v in feats.items()), flush=True)
+    groups = np.array(labels)
+    result = {"benchmark": "probe_ceiling", "date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "command": "python benchmarks/bench_probe_ceiling.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "bundle": {"path": str(bundle_path), "name": mb.name, "content_hash": mb.content_hash},
+              "data": str(args.data), "n_subjects": len(labels), "n_splits": args.n_splits, "n_boot": args.n_boot,
+              "seed": args.seed, "environment": {"machine": platform.machine(), "torch": torch.__version__},
+              "kinds": {}, "trivial": {}, "features": {}}
+    for target in args.targets:
+        y = [people[s].get(target) for s in labels]
+        for name, X in feats.items():
+            t = time.time()
+            res = fit_probe(X, y, groups, n_splits=args.n_splits, seed=args.seed, n_boot=args.n_boot,
+                            target=target, feature_name=name)
+            key = HEADLINE[res.kind]
+            est = res.metrics[key]
+            result["kinds"][target] = res.kind
+            result["trivial"][target] = res.models["trivial"].metrics[key].value
+            row = result["features"].setdefault(name, {"dim": int(X.shape[1]), "targets": {}})
+            row["targets"][target] = {"metric": key, "value": est.value, "ci_low": est.low, "ci_high": est.high,
+                                      "n_rows": res.n_rows, "seconds": round(time.time() - t, 1)}
+            print(f"{target} from {name} ({X.shape[1]}): {key} {est.value:.3f} [{est.low:.3f}, {est.high:.3f}]",
+                  flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "probe_ceiling.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "probe_ceiling.md").write_text(markdown(result))
+    print(f"wrote {args.out / 'probe_ceiling.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
