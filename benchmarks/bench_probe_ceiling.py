@@ -91,7 +91,9 @@ def markdown(result: dict) -> str:
             m = row["targets"].get(target)
             cells.append("n/a" if m is None else f"{m['value']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]")
         lines.append(f"| {name} | {row['dim']:,} | " + " | ".join(cells) + " |")
-    lines += ["", "Trivial predictor (training-fold mean / class prior), same folds: " + ", ".join(
+    first = result["features"][next(iter(result["features"]))]["targets"]
+    lines += ["", "Rows with the target (the others are dropped): " + ", ".join(
+        f"{t} {m['n_rows']}" for t, m in first.items()) + ".", "Trivial predictor (training-fold mean / class prior), same folds: " + ", ".join(
         f"{t} {HEADLINE[result['kinds'][t]]} {v:.3f}" for t, v in result["trivial"].items()) + ".", "",
         "voxels = the model-ready image (inside the union of the brain masks), latent = its autoencoder "
         "latent, y_sem = the semantic code, roi = regional volumes of a native-space segmentation.", ""]
