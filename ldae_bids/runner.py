@@ -292,6 +292,10 @@ class Runner:
             if path not in kept and path.is_relative_to(root) and path.is_file():
                 path.unlink()
                 log.info("%s: removed %s (written by an earlier run of %s, not by this one)", unit, rel, stage)
+                for parent in path.parents:  # folders left empty (e.g. a synthetic session no longer asked for)
+                    if parent == root / unit or not parent.is_relative_to(root / unit) or any(parent.iterdir()):
+                        break
+                    parent.rmdir()
 
     # ------------------------------------------------------------------ group
     def run_group(self, group: GroupInput) -> list[UnitResult]:

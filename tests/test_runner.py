@@ -140,3 +140,26 @@ def test_a_rerun_with_other_settings_removes_what_it_no_longer_writes(tmp_path):
     only = SubjectInput("01", (sessions["1"],))
     assert make_runner(tmp_path, stage, 1).run_participant([only])[0].status == "done"
     assert files() == ["sub-01_ses-1_desc-a_T1w.txt", "sub-01_ses-1_desc-c_T1w.txt", "sub-01_ses-2_desc-a_T1w.txt"]
+
+
+class Synthesiser(Stage):
+    """Writes one file into a session folder of its own (like fill-missing-sessions' synthetic visits)."""
+
+    name = "synth"
+    level = Level.PARTICIPANT
+    session = "M03"
+
+    def run(self, ctx, unit):
+        ctx.writer.write_text("x", {"subject": unit.label, "session": self.session, "datatype": "anat",
+                                    "desc": "synthetic", "suffix": "T1w"}, ".txt")
+
+
+def test_a_folder_left_empty_by_the_cleanup_is_removed(tmp_path):
+    (subject,) = subjects(tmp_path, 1)
+    stage = type("S", (Synthesiser,), {"version": "1", "session": "M03"})
+    make_runner(tmp_path, stage, 1).run_participant([subject])
+    out = tmp_path / "out" / "sub-01"
+    assert (out / "ses-M03" / "anat").is_dir()
+    stage = type("S", (Synthesiser,), {"version": "2", "session": "M06"})
+    make_runner(tmp_path, stage, 1).run_participant([subject])
+    assert sorted(p.name for p in out.iterdir()) == ["ses-M06"]
