@@ -59,8 +59,8 @@ class Settings:
     targets: tuple[str, ...] = ()
     baseline_features: Path | None = None
     probe: tuple[Path, ...] = ()
-    # within [-1, 1] the shipped model moves the re-encoded age monotonically for 8/8 subjects; at +-2 its
-    # counterfactuals leave the data (benchmarks/results/analyses.md)
+    # the shipped model moves the re-encoded age monotonically for 8/8 subjects over -2..2, about 22 years per
+    # unit strength (benchmarks/results/analyses.md): +-1 already spans most of the adult age range
     strengths: tuple[float, ...] = (-1.0, -0.5, 0.5, 1.0)
     fill_months: tuple[float, ...] = ()
     fill_schedule_months: float | None = None
