@@ -68,9 +68,9 @@ def _out_of_memory(exc: BaseException) -> bool:
 
 
 def _free_device_cache() -> None:
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
+    cuda = UsageLog._cuda()  # the same "torch loaded and CUDA in use" test as the memory log
+    if cuda is not None:
+        cuda.empty_cache()
 
 
 class UsageLog:
