@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ssim", "mse", "ssim_map", "similarity"]
+__all__ = ["ssim", "mse", "ssim_map", "ssim_map_tensor", "similarity"]
 
 
 def _as_batch(x) -> torch.Tensor:
@@ -47,7 +47,14 @@ def ssim_map(a, b, window: int = 11, sigma: float = 1.5, data_range: float = 1.0
     x, y = _as_batch(a), _as_batch(b)
     if x.shape != y.shape:
         raise ValueError(f"shape mismatch {tuple(x.shape)} vs {tuple(y.shape)}")
-    kernel = _gaussian_kernel(window, sigma)
+    return ssim_map_tensor(x, y, window, sigma, data_range)
+
+
+def ssim_map_tensor(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5,
+                    data_range: float = 1.0) -> torch.Tensor:
+    """:func:`ssim_map` of two (B, 1, D, H, W) float tensors on their device, differentiable (a training
+    loss can be 1 - its mean: the same SSIM the benchmarks report)."""
+    kernel = _gaussian_kernel(window, sigma).to(x.device, x.dtype)
     norm = _blur(torch.ones_like(x[:1]), kernel)  # corrects the zero padding at the borders
     mu_x, mu_y = _blur(x, kernel) / norm, _blur(y, kernel) / norm
     sxx = _blur(x * x, kernel) / norm - mu_x**2

@@ -260,6 +260,20 @@ def test_metrics():
     assert batched.shape == (2,)
 
 
+def test_ssim_as_a_loss_is_the_reported_ssim_and_has_gradients():
+    from ldae_bids.metrics import ssim, ssim_map_tensor
+
+    a, b = images(1), images(1, seed=1)
+    x = b.clone().requires_grad_(True)
+    loss = 1.0 - ssim_map_tensor(x, a).mean()
+    loss.backward()
+    assert float(loss) == pytest.approx(1.0 - ssim(b, a), abs=1e-6)
+    assert x.grad is not None and float(x.grad.abs().sum()) > 0
+    with torch.no_grad():  # a step against the gradient raises the reported SSIM
+        stepped = (x - 0.5 * x.grad / x.grad.abs().max()).clamp(0, 1)
+    assert ssim(stepped, a) > ssim(b, a)
+
+
 def test_preprocessing_follows_the_bundles_intensity_spec(tmp_path):
     """The preprocess stage applies the normalisation and bias correction the model was trained with."""
     import json

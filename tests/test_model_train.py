@@ -315,3 +315,51 @@ def test_training_under_cpu_bf16_autocast(synth, tmp_path, monkeypatch):
     vals = [json.loads(line) for line in (out / "logs" / "train.jsonl").read_text().splitlines()]
     assert any("val_recon_ssim" in r and r["stage"] == "ldae" for r in vals)
     assert mb.metadata["training"]["ldae_steps"] == 2
+
+
+def test_decoder_refinement_keeps_the_encoder_and_stage_2(synth, tmp_path):
+    """--decoder-steps added to a finished run trains the decoder only: encoder, latents and stage 2 are
+    untouched, the bundle carries the refined decoder, and a further call resumes the phase."""
+    from safetensors.torch import load_file
+
+    from ldae_bids.model.bundle import load_bundle
+    from ldae_bids.model.stage1 import DECODER_PREFIXES
+
+    out = tmp_path / "dec"
+    base = [str(synth), "-o", str(out), "--preset", "tiny", "--threads", "1", "--ae-steps", "3",
+            "--ae-full-volume-steps", "1", "--ldae-steps", "2", "--checkpoint-every", "2", "--val-every", "100"]
+    run_cli(base)
+    before = load_bundle(out / "bundle")
+    latents = load_file(str(out / "latents.safetensors"))["train"]
+    run_cli(base + ["--decoder-steps", "3", "--decoder-batch-size", "2", "--decoder-lr", "1e-2"])
+    state = json.loads((out / "state.json").read_text())
+    assert state["dec_step"] == 3 and state["ldae_step"] == 2 and state["stage"] == "done"
+    new = [r for r in records(out) if r["stage"] == "decoder"]
+    assert [r["step"] for r in new if "loss" in r] == [1, 2, 3] and "ssim_loss" in new[0]
+    assert any("val_ssim" in r for r in new)
+    after = load_bundle(out / "bundle")
+    old_ae, new_ae = before.pipeline.autoencoder.state_dict(), after.pipeline.autoencoder.state_dict()
+    changed = {k for k in old_ae if not torch.equal(old_ae[k], new_ae[k])}
+    assert changed and all(k.startswith(DECODER_PREFIXES) for k in changed)
+    for net in ("semantic_encoder", "denoiser"):
+        a, b = getattr(before.pipeline, net).state_dict(), getattr(after.pipeline, net).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(load_file(str(out / "latents.safetensors"))["train"], latents)
+    assert after.metadata["latent_scale"] == before.metadata["latent_scale"]
+    assert after.metadata["training"]["decoder_steps"] == 3
+    assert after.content_hash != before.content_hash
+
+    # more decoder steps: resumes at 3 (stage 1 and stage 2 not rerun)
+    n = len(records(out))
+    run_cli(base + ["--decoder-steps", "5", "--decoder-batch-size", "2", "--decoder-lr", "1e-2"])
+    assert [r["step"] for r in records(out)[n:] if "loss" in r] == [4, 5]
+    assert json.loads((out / "state.json").read_text())["dec_step"] == 5
+
+
+def test_decoder_options_are_checked(synth, tmp_path):
+    from ldae_bids.cli.train import app
+
+    for args in (["--decoder-steps", "-1"], ["--decoder-batch-size", "0"], ["--decoder-ssim-weight", "-0.5"]):
+        result = CliRunner().invoke(app, [str(synth), "-o", str(tmp_path / "x"), "--preset", "tiny"] + args)
+        assert result.exit_code == 64, result.output
+        assert "--decoder" in result.output

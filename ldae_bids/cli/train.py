@@ -43,6 +43,15 @@ def train(
     ldae_weight_cap: Annotated[Optional[float], typer.Option(
         help="Stage-2 loss weight clip(1/SNR(t), 1, CAP): scores high-noise steps on their x0 error, where "
              "only y_sem tells subjects apart; 1 = plain epsilon loss.")] = None,
+    decoder_steps: Annotated[Optional[int], typer.Option(
+        help="Decoder refinement after stage 2: steps training the autoencoder's decoder on whole volumes with "
+             "its encoder frozen (latents and stage 2 stay valid, so a finished run can add it). 0 = off.")] = None,
+    decoder_max_minutes: Annotated[Optional[float], typer.Option(
+        help="Wall-clock budget of the decoder refinement (over all calls).")] = None,
+    decoder_batch_size: Annotated[Optional[int], typer.Option(help="Decoder-refinement batch per process.")] = None,
+    decoder_lr: Annotated[Optional[float], typer.Option(help="Decoder-refinement learning rate.")] = None,
+    decoder_ssim_weight: Annotated[Optional[float], typer.Option(
+        help="Weight of (1 - SSIM) next to L1 in the decoder refinement.")] = None,
     val_fraction: Annotated[Optional[float], typer.Option(help="Fraction of subjects held out.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the split and of training.")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Steps between checkpoints.")] = None,
@@ -72,7 +81,9 @@ def train(
     overrides = {k: v for k, v in dict(
         ae_steps=ae_steps, ae_full_volume_steps=ae_full_volume_steps, ldae_steps=ldae_steps,
         ae_max_minutes=ae_max_minutes, ldae_max_minutes=ldae_max_minutes, ae_batch_size=ae_batch_size, ldae_batch_size=ldae_batch_size,
-        ldae_weight_cap=ldae_weight_cap, val_fraction=val_fraction, seed=seed,
+        ldae_weight_cap=ldae_weight_cap, decoder_steps=decoder_steps, decoder_max_minutes=decoder_max_minutes,
+        decoder_batch_size=decoder_batch_size, decoder_lr=decoder_lr, decoder_ssim_weight=decoder_ssim_weight,
+        val_fraction=val_fraction, seed=seed,
         checkpoint_every=checkpoint_every, val_every=val_every).items() if v is not None}
     if ae_patch_size is not None:
         overrides["ae_patch_size"] = (ae_patch_size,) * 3 if ae_patch_size > 0 else None
@@ -92,6 +103,11 @@ def train(
             torch.set_num_threads(int(threads))
         if bias_correction not in ("none", "n4"):
             raise UsageError("--bias-correction must be none or n4")
+        for name, value in (("--decoder-steps", decoder_steps), ("--decoder-batch-size", decoder_batch_size)):
+            if value is not None and value < (0 if name == "--decoder-steps" else 1):
+                raise UsageError(f"{name} must be {'0 or more' if name == '--decoder-steps' else 'at least 1'}")
+        if decoder_ssim_weight is not None and decoder_ssim_weight < 0:
+            raise UsageError("--decoder-ssim-weight must be 0 or more")
         if val_fraction is not None and not 0 <= val_fraction < 1:
             raise UsageError("--val-fraction must be in [0, 1)")
         model_cfg, train_cfg = get_preset(preset)

@@ -187,6 +187,13 @@ class TrainConfig:
     adv_start: int = 0
     disc_channels: int = 32
     disc_layers: int = 3
+    # decoder refinement (after stage 2): the decoder trained further on whole volumes with the encoder frozen,
+    # so the latent space, the cached latents and stage 2 all stay valid (0 steps = off)
+    decoder_steps: int = 0
+    decoder_batch_size: int = 2
+    decoder_lr: float = 1e-4
+    decoder_ssim_weight: float = 0.5
+    decoder_max_minutes: float | None = None
     # stage 2: latent diffusion autoencoder
     ldae_steps: int = 3000
     ldae_batch_size: int = 4

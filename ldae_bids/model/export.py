@@ -49,7 +49,9 @@ def export_bundle(settings, bundle: Path | None = None) -> Path:
         raise MissingInputError(f"{out}: no stage-2 checkpoint to export yet")
     model_cfg = dataclasses.replace(settings.model, latent_scale=float(state["latent_scale"]))
     nets = build_networks(model_cfg)
-    ckpt.load_modules(out, "ae", {"autoencoder": nets["autoencoder"]})
+    # the decoder phase's checkpoint holds the whole autoencoder: the same encoder, the refined decoder
+    refined = state.get("dec_step", 0) > 0 and (out / "dec-weights.safetensors").exists()
+    ckpt.load_modules(out, "dec" if refined else "ae", {"autoencoder": nets["autoencoder"]})
     ckpt.load_modules(out, "ldae", {"ema": Stage2(nets["semantic_encoder"], nets["denoiser"])})
     pipeline = make_pipeline(model_cfg, nets["autoencoder"], nets["semantic_encoder"], nets["denoiser"]).eval()
     split = json.loads((out / "split.json").read_text())
@@ -57,12 +59,12 @@ def export_bundle(settings, bundle: Path | None = None) -> Path:
     log_file = out / "logs" / "train.jsonl"  # absent when no step ran (--ldae-steps 0 with --init-from)
     records = [json.loads(line) for line in log_file.read_text().splitlines() if line] if log_file.is_file() else []
     last_val = {}
-    for stage in ("ae", "ldae"):
+    for stage in ("ae", "ldae", "decoder"):
         vals = [r for r in records if r.get("stage") == stage and any(k.startswith("val_") for k in r)]
         if vals:
             last_val[stage] = vals[-1]
     losses = {}
-    for stage in ("ae", "ldae"):
+    for stage in ("ae", "ldae", "decoder"):
         rec = [r["loss"] for r in records if r.get("stage") == stage and "loss" in r]
         if rec:
             losses[stage] = float(np.mean(rec[-10:]))
@@ -76,6 +78,7 @@ def export_bundle(settings, bundle: Path | None = None) -> Path:
             "n_train_subjects": len(split["train"]), "n_val_subjects": len(split["validation"]),
             "split": {"seed": split["seed"], "train": split["train"], "validation": split["validation"]},
             "ae_steps": state.get("ae_step"), "ldae_steps": state.get("ldae_step"),
+            "decoder_steps": state.get("dec_step", 0),
             "ae_steps_planned": settings.train.ae_steps + settings.train.ae_full_volume_steps,
             "ldae_steps_planned": settings.train.ldae_steps,
             "train_config": settings.train.to_dict(),

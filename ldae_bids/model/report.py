@@ -38,7 +38,8 @@ def plot_losses(output: Path, target: Path) -> Path:
             ax.text(0.5, 0.5, "no steps of this stage logged in this folder", ha="center", va="center",
                     transform=ax.transAxes, fontsize=9)
         ax.set(title=title, xlabel="step")
-    for stage, key, label in (("ae", "val_ssim", "AE"), ("ldae", "val_recon_ssim", "LDAE (inverted x_T)"),
+    for stage, key, label in (("ae", "val_ssim", "AE"), ("decoder", "val_ssim", "AE, decoder refined"),
+                              ("ldae", "val_recon_ssim", "LDAE (inverted x_T)"),
                               ("ldae", "val_sample_ssim", "LDAE (random x_T)")):
         pts = [(r["step"], r[key]) for r in recs if r.get("stage") == stage and key in r]
         if pts:

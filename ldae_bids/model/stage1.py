@@ -163,3 +163,95 @@ def train_autoencoder(settings, dist, store, val_store, state, logger, init=None
             state.update(stage="ae", ae_step=step, ae_seconds=seconds0 + time.time() - start)
             loop.checkpoint_all(settings, dist, "ae", modules, optimizers, state)
     return ae
+
+
+DECODER_PREFIXES = ("post_quant_conv.", "decoder.")
+
+
+class _Decoder(nn.Module):
+    """The decoding half of an autoencoder as one module (what DDP wraps in the decoder phase)."""
+
+    def __init__(self, ae: nn.Module):
+        super().__init__()
+        self.ae = ae
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.ae.decode(z)
+
+
+def decoder_parameters(ae: nn.Module) -> list[nn.Parameter]:
+    """The parameters the decoder phase trains (``post_quant_conv`` and ``decoder``); the rest stays frozen."""
+    return [p for n, p in ae.named_parameters() if n.startswith(DECODER_PREFIXES)]
+
+
+def train_decoder(settings, dist, store, val_store, ae, latents, scale, state, logger) -> nn.Module:
+    """Decoder refinement, after stage 2: the decoder learns to map the cached training latents back to
+    their whole volumes (L1 + ``decoder_ssim_weight`` x (1 - SSIM)); the encoder is not touched, so the
+    latent space, the cached latents and stage 2 all stay valid, and a finished run can add this phase
+    (call it again with ``--decoder-steps``). Resumes from ``dec-*`` checkpoints; the budget
+    (``--decoder-max-minutes``) counts this phase's time over all calls. Returns the autoencoder.
+    """
+    import torch.nn.functional as F
+
+    from ldae_bids.metrics import ssim_map_tensor
+    from ldae_bids.model.distributed import wrap
+
+    tc, device = settings.train, dist.device
+    step = int(state.get("dec_step", 0))
+    total = tc.decoder_steps
+    modules = {"autoencoder": ae}
+    params = decoder_parameters(ae)
+    opt = torch.optim.Adam(params, lr=tc.decoder_lr)
+    if step > 0:
+        ckpt.load_modules(settings.output, "dec", modules)
+        ckpt.load_optimizers(settings.output, "dec", {"decoder": opt})
+        log.info("decoder: resuming at step %d / %d", step, total)
+    if step >= total:
+        return ae
+    ae.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    model = wrap(_Decoder(ae), dist)
+    ae.train()
+    t0 = start = time.time()
+    seconds0 = state.get("dec_seconds", 0.0)
+    while step < total:
+        if tc.decoder_max_minutes and loop.elapsed_minutes(seconds0, start) > tc.decoder_max_minutes:
+            total = step
+            log.info("decoder: time budget reached at step %d", step)
+            state.update(stage="decoder", dec_step=step, dec_seconds=seconds0 + time.time() - start)
+            loop.checkpoint_all(settings, dist, "dec", modules, {"decoder": opt}, state)
+            break
+        rng = loop.rng_for(tc.seed, 4, dist.rank, step)
+        idx = rng.integers(0, len(store), tc.decoder_batch_size)
+        x = store.batch(idx).to(device)
+        z = (latents[torch.as_tensor(idx)] / scale).to(device)
+        loop.set_lr(opt, tc.decoder_lr, step)
+        with loop.autocast(device):
+            recon = model(z)
+        recon = recon.float()
+        loss = l1 = F.l1_loss(recon, x)
+        parts = {"l1": float(l1.detach())}
+        if tc.decoder_ssim_weight > 0:
+            # the whole-volume SSIM of ldae_bids.metrics on the clamped output: what the pipeline returns and
+            # validation reports (unclamped, the negative background the decoder makes would dominate it)
+            ssim = 1.0 - ssim_map_tensor(recon.clamp(0.0, 1.0), x).mean()
+            loss = loss + tc.decoder_ssim_weight * ssim
+            parts["ssim_loss"] = float(ssim.detach())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+        opt.step()
+        step += 1
+        if step % tc.log_every == 0 or step == total:
+            loop.adapt_threads(settings.auto_threads)
+            logger(stage="decoder", step=step, loss=float(loss.detach()),
+                   sec_per_step=round((time.time() - t0) / tc.log_every, 3), **parts)
+            t0 = time.time()
+        if dist.is_main and (step % tc.val_every == 0 or step == total):
+            logger(stage="decoder", step=step, **validate_autoencoder(ae, val_store, device))
+        if step % tc.checkpoint_every == 0 or step == total:
+            state.update(stage="decoder", dec_step=step, dec_seconds=seconds0 + time.time() - start)
+            loop.checkpoint_all(settings, dist, "dec", modules, {"decoder": opt}, state)
+    ae.eval().requires_grad_(False)
+    return ae

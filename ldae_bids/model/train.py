@@ -3,11 +3,13 @@
 The stages live in :mod:`stage1` and :mod:`stage2`, the export in :mod:`export`.
 Stage 1 trains the KL autoencoder (random patches, then whole volumes); the training
 latents then give the latent scale (1 / std) and are cached; stage 2 trains the
-semantic encoder and the conditional denoiser jointly (EMA kept). Everything lands
+semantic encoder and the conditional denoiser jointly (EMA kept); an optional decoder
+phase (``decoder_steps``) then trains the autoencoder's decoder further with its
+encoder frozen, which leaves the latents and stage 2 valid. Everything lands
 in one output folder::
 
     split.json            subject-level train / validation split (seeded)
-    state.json, *.safetensors, *-optim.pt   the checkpoint (see checkpoint.py)
+    state.json, *.safetensors, *-optim.pt   the checkpoint (see checkpoint.py; ae-, ldae-, dec-)
     latents.safetensors   scaled training/validation latents (stage 2 input)
     logs/train.jsonl      one JSON record per logged step / validation
     logs/config-<id>.json the run settings
@@ -180,7 +182,7 @@ def run_training(settings: TrainSettings) -> Path | None:
     from ldae_bids.model import distributed
     from ldae_bids.model.export import export_bundle
     from ldae_bids.model.loop import JsonlLogger
-    from ldae_bids.model.stage1 import train_autoencoder
+    from ldae_bids.model.stage1 import train_autoencoder, train_decoder
     from ldae_bids.model.stage2 import prepare_latents, train_ldae
 
     dist = distributed.setup(settings.device)
@@ -209,6 +211,7 @@ def run_training(settings: TrainSettings) -> Path | None:
         if dist.is_main:
             ckpt.write_state(settings.output, state)
         train_ldae(settings, dist, store, val_store, ae, latents, scale, state, logger, init=weights)
+        train_decoder(settings, dist, store, val_store, ae, latents, scale, state, logger)
         if not dist.is_main:
             return None
         state.update(stage="done")
