@@ -193,7 +193,8 @@ def bundle_info(path: Path) -> dict:
             "n_train_subjects": len(split.get("train", [])), "n_validation_subjects": len(split.get("validation", [])),
             "train": [s.removeprefix("sub-") for s in split.get("train", [])],
             "validation": [s.removeprefix("sub-") for s in split.get("validation", [])],
-            "steps": {k: training.get(k) for k in ("ae_steps", "ldae_steps", "ae_steps_planned", "ldae_steps_planned")
+            "steps": {k: training.get(k) for k in ("ae_steps", "ldae_steps", "decoder_steps", "ae_steps_planned",
+                                                          "ldae_steps_planned")
                       if k in training}}
 
 

@@ -184,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "bundle": {"path": str(bundle_path), "name": mb.name, "content_hash": mb.content_hash,
                    "training": {k: mb.metadata.get("training", {}).get(k) for k in
-                                ("preset", "ae_steps", "ldae_steps", "n_train_subjects", "n_val_subjects")}},
+                                ("preset", "ae_steps", "ldae_steps", "decoder_steps", "n_train_subjects",
+                                 "n_val_subjects")}},
         "data": str(args.data),
         "n_subjects": len(rows),
         "steps": steps,

@@ -102,6 +102,7 @@ def _readme(name: str, config: ModelConfig, metadata: dict, digest: str) -> str:
         f"- subjects: {train.get('n_train_subjects')} training, {train.get('n_val_subjects')} validation "
         "(subject-level split in metadata.json)",
         f"- steps: autoencoder {train.get('ae_steps')}, LDAE {train.get('ldae_steps')}"
+        + (f", decoder refinement {train['decoder_steps']}" if train.get("decoder_steps") else "")
         + (" (this run)" if train.get("init_from") else ""),
         *([f"- started from: {init.get('name')} (content hash {str(init.get('content_hash'))[:16]}..., autoencoder "
            f"{init.get('ae_steps')} / LDAE {init.get('ldae_steps')} steps); carried: "
