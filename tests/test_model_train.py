@@ -347,6 +347,7 @@ def test_decoder_refinement_keeps_the_encoder_and_stage_2(synth, tmp_path):
     assert torch.equal(load_file(str(out / "latents.safetensors"))["train"], latents)
     assert after.metadata["latent_scale"] == before.metadata["latent_scale"]
     assert after.metadata["training"]["decoder_steps"] == 3
+    assert "decoder refinement 3" in (out / "bundle" / "README.md").read_text()
     assert after.content_hash != before.content_hash
 
     # more decoder steps: resumes at 3 (stage 1 and stage 2 not rerun)
