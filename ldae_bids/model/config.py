@@ -191,7 +191,7 @@ class TrainConfig:
     # so the latent space, the cached latents and stage 2 all stay valid (0 steps = off)
     decoder_steps: int = 0
     decoder_batch_size: int = 2
-    decoder_lr: float = 1e-4
+    decoder_lr: float = 4e-5
     decoder_ssim_weight: float = 0.5
     decoder_max_minutes: float | None = None
     # stage 2: latent diffusion autoencoder
