@@ -23,8 +23,12 @@ def plot_losses(output: Path, target: Path) -> Path:
 
     recs = _records(output)
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
-    for ax, stage, title in ((axes[0], "ae", "stage 1: autoencoder L1"), (axes[1], "ldae", "stage 2: eps MSE")):
-        pts = [(r["step"], r.get("l1", r.get("loss"))) for r in recs if r.get("stage") == stage and "loss" in r]
+    for ax, stages, title in ((axes[0], ("ae", "decoder"), "autoencoder L1 (stage 1, decoder refinement)"),
+                              (axes[1], ("ldae",), "stage 2: eps MSE")):
+        # the decoder refinement comes after stage 2 and counts its own steps: after stage 1's on this axis
+        offset = max([r["step"] for r in recs if r.get("stage") == "ae"] or [0])
+        pts = [(r["step"] + (offset if r["stage"] == "decoder" else 0), r.get("l1", r.get("loss")))
+               for r in recs if r.get("stage") in stages and "loss" in r]
         if pts:
             steps, vals = (np.asarray(v, dtype=float) for v in zip(*pts))
             ax.plot(steps, vals, lw=0.6, alpha=0.5)
