@@ -364,3 +364,19 @@ def test_decoder_options_are_checked(synth, tmp_path):
         result = CliRunner().invoke(app, [str(synth), "-o", str(tmp_path / "x"), "--preset", "tiny"] + args)
         assert result.exit_code == 64, result.output
         assert "--decoder" in result.output
+
+
+def test_export_only_exports_the_folder_given(synth, tmp_path):
+    """--export-only on a copied training folder exports the copy (settings.json records the original's path)."""
+    import shutil
+
+    from ldae_bids.model.bundle import load_bundle
+
+    first = tmp_path / "first"
+    run_cli([str(synth), "-o", str(first), "--preset", "tiny", "--threads", "1", "--ae-steps", "2",
+             "--ae-full-volume-steps", "0", "--ldae-steps", "1", "--val-every", "100"])
+    copy = tmp_path / "copy"
+    shutil.copytree(first, copy)
+    shutil.rmtree(first)
+    run_cli([str(synth), "-o", str(copy), "--preset", "tiny", "--export-only", "--bundle", str(tmp_path / "b")])
+    assert load_bundle(tmp_path / "b").metadata["training"]["ldae_steps"] == 1

@@ -118,9 +118,10 @@ def train(
             normalisation=normalisation, bias_correction=None if bias_correction == "none" else bias_correction,
             dataset_description=data_description, licence=licence, init_from=init_from)
         if export_only and (output / "settings.json").exists():
-            # the run's own settings (data description, licence...), only the target may change
+            # the run's own settings (data description, licence...), only the target may change; the folder is
+            # the one given (settings.json records where the run was made: it may have been moved or copied)
             saved = load_settings(output)
-            settings = dataclasses.replace(saved, bundle=bundle or saved.bundle,
+            settings = dataclasses.replace(saved, output=output, bundle=bundle or saved.bundle,
                                            bundle_name=bundle_name or saved.bundle_name)
         path = export_bundle(settings) if export_only else run_training(settings)
         if path is not None:
