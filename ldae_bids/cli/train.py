@@ -103,9 +103,10 @@ def train(
             torch.set_num_threads(int(threads))
         if bias_correction not in ("none", "n4"):
             raise UsageError("--bias-correction must be none or n4")
-        for name, value in (("--decoder-steps", decoder_steps), ("--decoder-batch-size", decoder_batch_size)):
-            if value is not None and value < (0 if name == "--decoder-steps" else 1):
-                raise UsageError(f"{name} must be {'0 or more' if name == '--decoder-steps' else 'at least 1'}")
+        if decoder_steps is not None and decoder_steps < 0:
+            raise UsageError("--decoder-steps must be 0 or more")
+        if decoder_batch_size is not None and decoder_batch_size < 1:
+            raise UsageError("--decoder-batch-size must be at least 1")
         if decoder_ssim_weight is not None and decoder_ssim_weight < 0:
             raise UsageError("--decoder-ssim-weight must be 0 or more")
         if val_fraction is not None and not 0 <= val_fraction < 1:

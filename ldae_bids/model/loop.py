@@ -78,3 +78,10 @@ def checkpoint_all(settings, dist, stage, modules, optimizers, state) -> None:
     if dist.is_main:
         ckpt.save_checkpoint(settings.output, stage, modules, optimizers, state)
     barrier(dist)
+
+
+def save_progress(settings, dist, name, stage, modules, optimizers, state, step, seconds) -> None:
+    """Record where a training phase is (``state["stage"]``, ``<name>_step``, ``<name>_seconds``: its time over all
+    calls, what its budget counts) and checkpoint it as ``<name>-*``."""
+    state.update({"stage": stage, f"{name}_step": step, f"{name}_seconds": seconds})
+    checkpoint_all(settings, dist, name, modules, optimizers, state)

@@ -117,8 +117,8 @@ def train_autoencoder(settings, dist, store, val_store, state, logger, init=None
                      total - step)
             if step >= total:
                 # checkpoint before leaving: the latents, stage 2 and the bundle must all see these weights
-                state.update(stage="ae", ae_step=step, ae_seconds=seconds0 + time.time() - start)
-                loop.checkpoint_all(settings, dist, "ae", modules, optimizers, state)
+                loop.save_progress(settings, dist, "ae", "ae", modules, optimizers, state, step,
+                                   seconds0 + time.time() - start)
                 break
         rng = loop.rng_for(tc.seed, 1, dist.rank, step)
         full = tc.ae_patch_size is None or step >= patch_end
@@ -160,8 +160,8 @@ def train_autoencoder(settings, dist, store, val_store, state, logger, init=None
         if dist.is_main and (step % tc.val_every == 0 or step == total):
             logger(stage="ae", step=step, **validate_autoencoder(ae, val_store, device))
         if step % tc.checkpoint_every == 0 or step == total:
-            state.update(stage="ae", ae_step=step, ae_seconds=seconds0 + time.time() - start)
-            loop.checkpoint_all(settings, dist, "ae", modules, optimizers, state)
+            loop.save_progress(settings, dist, "ae", "ae", modules, optimizers, state, step,
+                               seconds0 + time.time() - start)
     return ae
 
 
@@ -219,8 +219,8 @@ def train_decoder(settings, dist, store, val_store, ae, latents, scale, state, l
         if tc.decoder_max_minutes and loop.elapsed_minutes(seconds0, start) > tc.decoder_max_minutes:
             total = step
             log.info("decoder: time budget reached at step %d", step)
-            state.update(stage="decoder", dec_step=step, dec_seconds=seconds0 + time.time() - start)
-            loop.checkpoint_all(settings, dist, "dec", modules, {"decoder": opt}, state)
+            loop.save_progress(settings, dist, "dec", "decoder", modules, {"decoder": opt}, state, step,
+                               seconds0 + time.time() - start)
             break
         rng = loop.rng_for(tc.seed, 4, dist.rank, step)
         idx = rng.integers(0, len(store), tc.decoder_batch_size)
@@ -251,7 +251,7 @@ def train_decoder(settings, dist, store, val_store, ae, latents, scale, state, l
         if dist.is_main and (step % tc.val_every == 0 or step == total):
             logger(stage="decoder", step=step, **validate_autoencoder(ae, val_store, device))
         if step % tc.checkpoint_every == 0 or step == total:
-            state.update(stage="decoder", dec_step=step, dec_seconds=seconds0 + time.time() - start)
-            loop.checkpoint_all(settings, dist, "dec", modules, {"decoder": opt}, state)
+            loop.save_progress(settings, dist, "dec", "decoder", modules, {"decoder": opt}, state, step,
+                               seconds0 + time.time() - start)
     ae.eval().requires_grad_(False)
     return ae

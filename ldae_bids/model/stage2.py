@@ -182,8 +182,8 @@ def train_ldae(settings, dist, store, val_store, ae, latents, scale, state, logg
     if step >= total:
         calibrate_semantic(ema.module.semantic_encoder, store, device)
         if step == 0 and init is not None:  # --ldae-steps 0: the carried networks, checkpointed for export
-            state.update(stage="ldae", ldae_step=0, ldae_seconds=state.get("ldae_seconds", 0.0))
-            loop.checkpoint_all(settings, dist, "ldae", modules, {"ldae": opt}, state)
+            loop.save_progress(settings, dist, "ldae", "ldae", modules, {"ldae": opt}, state, 0,
+                               state.get("ldae_seconds", 0.0))
         return ema.module
     model = wrap(stage2, dist)
     scheduler = build_scheduler(model_cfg.scheduler)
@@ -196,9 +196,8 @@ def train_ldae(settings, dist, store, val_store, ae, latents, scale, state, logg
             total = step
             log.info("ldae: time budget reached at step %d", step)
             calibrate_semantic(ema.module.semantic_encoder, store, device)
-            state.update(stage="ldae", ldae_step=step,
-                         ldae_seconds=seconds0 + time.time() - start)
-            loop.checkpoint_all(settings, dist, "ldae", modules, {"ldae": opt}, state)
+            loop.save_progress(settings, dist, "ldae", "ldae", modules, {"ldae": opt}, state, step,
+                               seconds0 + time.time() - start)
             break
         rng = loop.rng_for(tc.seed, 2, dist.rank, step)
         idx = rng.integers(0, len(store), tc.ldae_batch_size)
@@ -231,6 +230,6 @@ def train_ldae(settings, dist, store, val_store, ae, latents, scale, state, logg
             pipe = make_pipeline(model_cfg, ae, ema.module.semantic_encoder, ema.module.denoiser)
             logger(stage="ldae", step=step, **validate_ldae(pipe, val_store, tc.val_steps, tc.seed))
         if step % tc.checkpoint_every == 0 or step == total:
-            state.update(stage="ldae", ldae_step=step, ldae_seconds=seconds0 + time.time() - start)
-            loop.checkpoint_all(settings, dist, "ldae", modules, {"ldae": opt}, state)
+            loop.save_progress(settings, dist, "ldae", "ldae", modules, {"ldae": opt}, state, step,
+                               seconds0 + time.time() - start)
     return ema.module
