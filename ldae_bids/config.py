@@ -49,6 +49,7 @@ class Settings:
     nprocs: int | None = None
     omp_nthreads: int | None = None
     batch_size: int | None = None
+    mem_mb: int | None = None
     random_seed: int = 0
     stop_on_first_crash: bool = False
     force: bool = False
@@ -59,8 +60,9 @@ class Settings:
     targets: tuple[str, ...] = ()
     baseline_features: Path | None = None
     probe: tuple[Path, ...] = ()
-    # the shipped model moves the re-encoded age monotonically for 8/8 subjects over -2..2, about 22 years per
-    # unit strength (benchmarks/results/analyses.md): +-1 already spans most of the adult age range
+    # the shipped model moves the re-encoded age monotonically for 8/8 subjects over -1..1 (4/8 over -2..2, where
+    # it saturates at the ends of the training ages), about 16 years per unit strength
+    # (benchmarks/results/analyses.md): +-1 already spans most of the adult age range
     strengths: tuple[float, ...] = (-1.0, -0.5, 0.5, 1.0)
     fill_months: tuple[float, ...] = ()
     fill_schedule_months: float | None = None
@@ -169,7 +171,11 @@ def build_settings(**kwargs: Any) -> Settings:
         raise UsageError(f"--t1w-policy must be one of {', '.join(T1W_POLICIES)}")
     if kw.get("device", "auto") not in ("auto", "cpu", "cuda") and not str(kw["device"]).startswith("cuda:"):
         raise UsageError("--device must be auto, cpu, cuda or cuda:N")
-    for name in ("nprocs", "omp_nthreads", "batch_size"):
+    if "mem" in kw:  # --mem text (16GB, 16000MB); a config file stores mem_mb
+        from ldae_bids.memory import parse_memory
+
+        kw["mem_mb"] = parse_memory(kw.pop("mem"))
+    for name in ("nprocs", "omp_nthreads", "batch_size", "mem_mb"):
         if name in kw and int(kw[name]) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if "ddim_steps" in kw and not 1 <= int(kw["ddim_steps"]) <= 1000:

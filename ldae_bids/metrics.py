@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ssim", "mse", "ssim_map", "ssim_map_tensor", "similarity"]
+__all__ = ["ssim", "mse", "ssim_map", "ssim_map_tensor", "similarity", "similarity_batch"]
 
 
 def _as_batch(x) -> torch.Tensor:
@@ -92,10 +92,23 @@ def mse(a, b, mask=None) -> float | np.ndarray:
 
 def similarity(a, b, mask=None) -> dict[str, float]:
     """SSIM and MSE of one pair, whole volume and (if ``mask``) inside the mask."""
-    smap = ssim_map(a, b)
-    sq = (_as_batch(a) - _as_batch(b)) ** 2
-    out = {"ssim": float(smap.mean()), "mse": float(sq.mean())}
+    return similarity_batch(_as_batch(a), _as_batch(b), None if mask is None else _as_batch(mask))[0]
+
+
+def similarity_batch(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> list[dict[str, float]]:
+    """:func:`similarity` of each pair of two (B, 1, D, H, W) tensors, computed on their device (a GPU batch
+    takes milliseconds; the same on the CPU costs about 0.3 s per 80x96x80 pair)."""
+    x, y = a.detach().float(), b.detach().float()
+    if x.shape != y.shape:
+        raise ValueError(f"shape mismatch {tuple(x.shape)} vs {tuple(y.shape)}")
+    smap = ssim_map_tensor(x, y)
+    sq = (x - y) ** 2
+    values = {"ssim": smap.flatten(1).mean(1), "mse": sq.flatten(1).mean(1)}
     if mask is not None:
-        out["ssim_mask"] = float(_reduce(smap[:1], mask)[0])
-        out["mse_mask"] = float(_reduce(sq[:1], mask)[0])
-    return out
+        m = (mask.to(x.device).float() > 0.5).expand_as(x).flatten(1).float()
+        count = m.sum(1)
+        nan = torch.full_like(count, float("nan"))
+        values["ssim_mask"] = torch.where(count > 0, (smap.flatten(1) * m).sum(1) / count.clamp(min=1), nan)
+        values["mse_mask"] = torch.where(count > 0, (sq.flatten(1) * m).sum(1) / count.clamp(min=1), nan)
+    host = {k: v.double().cpu().tolist() for k, v in values.items()}  # one transfer per metric
+    return [{k: float(host[k][i]) for k in host} for i in range(x.shape[0])]

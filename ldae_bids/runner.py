@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import resource
 import sys
 import time
 import traceback
@@ -24,6 +23,7 @@ from ldae_bids.bids.io import atomic_write_text
 from ldae_bids.bids.writer import DerivativesWriter
 from ldae_bids.config import Settings
 from ldae_bids.errors import LdaeError
+from ldae_bids.memory import peak_rss_mb as _peak_rss_mb
 from ldae_bids.plugins.api import GroupInput, Stage, StageContext
 from ldae_bids.runtime import Resources
 from ldae_bids.state import StampStore, digest, make_key
@@ -47,12 +47,6 @@ class UnitResult:
         if self.failed_stage:
             return "failed"
         return "done" if self.done else "skipped"
-
-
-def _peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (MiB; Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
 def _out_of_memory(exc: BaseException) -> bool:
@@ -186,7 +180,10 @@ class Runner:
             from ldae_bids.device import default_batch_size
 
             batch_size = default_batch_size(self.resources.device)
+        if self.settings.mem_mb and batch_size > 1:
+            batch_size = self._batch_for_memory(batch_size)
         self.batch_limit = batch_size  # lowered for the rest of the run when a batch runs out of memory
+        self._mem_warned = False
         task = progress.add_task("subjects", total=len(subjects)) if progress else None
         start = 0
         while start < len(subjects):
@@ -200,9 +197,40 @@ class Runner:
                     break
             for s in batch:
                 results[s.label].seconds = (time.perf_counter() - t0) / len(batch)
+            if self.settings.mem_mb:
+                self._keep_to_memory(len(batch))
             if progress is not None:
                 progress.advance(task, len(batch))
         return [results[s.label] for s in subjects]
+
+    def _batch_for_memory(self, batch_size: int) -> int:
+        """The batch size capped by ``--mem`` from the estimated memory per subject."""
+        from ldae_bids.memory import BASE_MB, max_batch
+
+        per_subject = self.resources.memory_per_subject_mb
+        cap = max_batch(self.settings.mem_mb, per_subject, BASE_MB)
+        if cap < batch_size:
+            log.info("--mem %d MB: at most %d subject(s) per batch (estimated %.0f MB per subject on top of %.0f MB; "
+                     "benchmarks/bench_memory.py)", self.settings.mem_mb, cap, per_subject, BASE_MB)
+            return cap
+        return batch_size
+
+    def _keep_to_memory(self, batch: int) -> None:
+        """After a batch: when the process's peak went over ``--mem``, lower the batch size for the rest of the
+        run (as for an out-of-memory batch), or say once that even one subject per batch does not fit."""
+        from ldae_bids.memory import BASE_MB, lowered_batch
+
+        peak, limit = _peak_rss_mb(), self.settings.mem_mb
+        if peak <= limit:
+            return
+        if batch > 1 and self.batch_limit > 1:
+            self.batch_limit = min(self.batch_limit, lowered_batch(batch, limit, peak, BASE_MB))
+            log.warning("peak memory %.0f MB went over --mem %d MB with %d subjects per batch: batches of %d from "
+                        "now on", peak, limit, batch, self.batch_limit)
+        elif not self._mem_warned:
+            self._mem_warned = True
+            log.warning("peak memory %.0f MB went over --mem %d MB with one subject per batch: the run needs more "
+                        "memory than --mem allows (see logs/resources-%s.tsv)", peak, limit, self.settings.run_id)
 
     def _participant_stage(self, stage: Stage, subjects: list[SubjectInput],
                            results: dict[str, UnitResult]) -> list[SubjectInput]:

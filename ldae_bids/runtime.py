@@ -84,6 +84,16 @@ class Resources:
         return grid
 
     @cached_property
+    def memory_per_subject_mb(self) -> float:
+        """Estimated host memory one more subject of a batch costs (``--mem``; see ldae_bids.memory)."""
+        from ldae_bids.memory import estimate_for_bundle, subject_mb
+
+        try:
+            return float(estimate_for_bundle(self.model_path)["per_subject_mb"])
+        except (OSError, ValueError, KeyError, TypeError, IndexError):  # no readable bundle: the compact width
+            return subject_mb(self.grid.shape, 16)
+
+    @cached_property
     def intensity(self) -> dict[str, Any]:
         """How preprocessing must treat intensities so inputs match the model's training data.
 

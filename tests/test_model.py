@@ -258,6 +258,25 @@ def test_metrics():
     assert set(s) == {"ssim", "mse", "ssim_mask", "mse_mask"}
     batched = ssim(images(2), images(2, seed=1))
     assert batched.shape == (2,)
+    assert s["ssim_mask"] == pytest.approx(float(ssim(a, b, mask)), abs=1e-6)
+    assert s["mse_mask"] == pytest.approx(float(mse(a, b, mask)), abs=1e-9)
+
+
+def test_similarity_of_a_batch_is_that_of_each_pair_and_nan_for_an_empty_mask():
+    import torch
+
+    from ldae_bids.metrics import similarity, similarity_batch
+
+    x, y = images(3), images(3, seed=1)
+    masks = torch.zeros_like(x, dtype=torch.bool)
+    masks[0, :, 2:10, 2:10, 2:10] = True
+    masks[1] = x[1] > 0.3
+    batch = similarity_batch(x, y, masks)  # item 2: an empty mask
+    for i in range(2):
+        one = similarity(x[i, 0].numpy(), y[i, 0].numpy(), masks[i, 0].numpy())
+        assert batch[i] == pytest.approx(one, abs=1e-6)
+    assert np.isnan(batch[2]["ssim_mask"]) and np.isnan(batch[2]["mse_mask"])
+    assert batch[2]["ssim"] == pytest.approx(similarity(x[2, 0].numpy(), y[2, 0].numpy())["ssim"], abs=1e-6)
 
 
 def test_ssim_as_a_loss_is_the_reported_ssim_and_has_gradients():

@@ -67,7 +67,7 @@ def _run(bids, out, bundle, *args):
 
 def test_embed_and_reconstruct(prepared):
     bids, out, bundle = prepared
-    assert _run(bids, out, bundle, "--stages", "embed", "reconstruct") == 0
+    assert _run(bids, out, bundle, "--stages", "embed", "reconstruct", "--nprocs", "1") == 0  # host work serial
     anat = out / "sub-01" / "ses-M06" / "anat"
     y = pd.read_csv(anat / "sub-01_ses-M06_space-MNI152NLin2009cAsym_desc-ysem_features.tsv", sep="\t")
     assert list(y.columns[:2]) == ["participant_id", "session_id"] and y.filter(like="ysem_").shape == (1, 16)
@@ -82,14 +82,22 @@ def test_embed_and_reconstruct(prepared):
     desc = json.loads((out / "dataset_description.json").read_text())
     assert any(g["Name"] == "model bundle tiny" for g in desc["GeneratedBy"])
     assert (out / "sub-02" / "figures").is_dir() and (out / "sub-02.html").is_file()
-    # the batch path (several subjects at once) gives the same codes as one by one
+    # the batch path (several subjects at once, their files written on two threads) gives the same outputs
     out2 = out.parent / "out2"
-    shutil.copytree(out, out2, ignore=shutil.ignore_patterns("*desc-ysem*", "*desc-xt*", "logs"))
-    assert _run(bids, out2, bundle, "--stages", "embed", "--batch-size", "2") == 0
+    shutil.copytree(out, out2, ignore=shutil.ignore_patterns("*desc-ysem*", "*desc-xt*", "*desc-reconstruction*",
+                                                             "logs"))
+    assert _run(bids, out2, bundle, "--stages", "embed", "reconstruct", "--batch-size", "2", "--nprocs", "2") == 0
     a = pd.read_csv(anat / "sub-01_ses-M06_space-MNI152NLin2009cAsym_desc-ysem_features.tsv", sep="\t")
     b = pd.read_csv(out2 / anat.relative_to(out) / "sub-01_ses-M06_space-MNI152NLin2009cAsym_desc-ysem_features.tsv",
                     sep="\t")
     np.testing.assert_allclose(a.filter(like="ysem_").to_numpy(), b.filter(like="ysem_").to_numpy(), atol=1e-4)
+    files = sorted(p.relative_to(out) for p in out.rglob("sub-*/**/*") if p.is_file())
+    assert files == sorted(p.relative_to(out2) for p in out2.rglob("sub-*/**/*") if p.is_file())
+    recons = [p for p in files if "desc-reconstruction_T1w.nii.gz" in p.name]
+    assert len(recons) == 4
+    for rel in recons:
+        np.testing.assert_allclose(nib.load(out / rel).get_fdata(), nib.load(out2 / rel).get_fdata(), atol=1e-4)
+    assert len([p for p in files if p.suffix == ".svg" and "reconstruction" in p.name]) == 4
 
 
 def test_manipulate_and_fill_missing(prepared, tmp_path):

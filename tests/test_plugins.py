@@ -112,3 +112,37 @@ def test_builtin_stages_register_through_entry_points():
     for name in ("preprocess", "embed", "reconstruct", "probe", "collect-embeddings"):
         assert name in reg.names
         assert reg.distribution(name)[0] == "ldae-bids"
+
+
+def test_for_each_runs_on_host_threads_in_order_and_raises_the_first_error(tmp_path):
+    import threading
+    import time
+
+    from ldae_bids.config import build_settings
+    from ldae_bids.plugins.api import StageContext
+
+    def ctx(nprocs):
+        settings = build_settings(bids_dir=tmp_path, output_dir=tmp_path / "out", analysis_level="participant",
+                                  nprocs=nprocs)
+        return StageContext(settings, None, None, type("S", (Stage,), {"name": "s"})())
+
+    threads, ran = [], []
+
+    def slow_square(i):
+        time.sleep(0.05)
+        threads.append(threading.current_thread().name)
+        ran.append(i)
+        if i in (1, 3):
+            raise ValueError(f"item {i}")
+        return i * i
+
+    assert ctx(4).for_each(lambda i: i * i, range(5)) == [0, 1, 4, 9, 16]
+    with pytest.raises(ValueError, match="item 1"):
+        ctx(4).for_each(slow_square, range(5))
+    assert sorted(ran) == [0, 1, 2, 3, 4]  # every item ran before the error was raised
+    assert len(set(threads)) > 1 and all(t.startswith("ldae-s") for t in threads)
+    threads.clear()
+    ran.clear()
+    with pytest.raises(ValueError, match="item 1"):  # one thread: the calling one, in order, stops at the error
+        ctx(1).for_each(slow_square, range(5))
+    assert ran == [0, 1] and set(threads) == {threading.current_thread().name}

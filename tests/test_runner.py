@@ -163,3 +163,72 @@ def test_a_folder_left_empty_by_the_cleanup_is_removed(tmp_path):
     stage = type("S", (Synthesiser,), {"version": "2", "session": "M06"})
     make_runner(tmp_path, stage, 1).run_participant([subject])
     assert sorted(p.name for p in out.iterdir()) == ["ses-M06"]
+
+
+# ------------------------------------------------------------------------------------------ --mem
+def test_mem_parses_sizes_like_fmriprep_and_round_trips_in_the_config(tmp_path):
+    from ldae_bids.config import read_config_file
+    from ldae_bids.errors import UsageError
+    from ldae_bids.memory import parse_memory
+
+    assert [parse_memory(v) for v in ("16GB", "16G", "16gib", "16000MB", "16000", "1.5T", 512)] == [
+        16384, 16384, 16384, 16000, 16000, 1572864, 512]
+    for bad in ("lots", "16 GBs", "-4GB", "0", "0.5"):
+        with pytest.raises(UsageError, match="--mem"):
+            parse_memory(bad)
+    settings = build_settings(bids_dir=tmp_path, output_dir=tmp_path / "out", analysis_level="participant",
+                              mem="8GB")
+    assert settings.mem_mb == 8192
+    path = settings.save(tmp_path / "config.toml")
+    again = build_settings(**read_config_file(path))
+    assert again.mem_mb == 8192
+    # the command line wins over the config file
+    assert build_settings(**{**read_config_file(path), "mem": "4000"}).mem_mb == 4000
+
+
+def mem_runner(tmp_path, stage, batch_size, mem_mb, per_subject_mb):
+    tmp_path.mkdir(exist_ok=True)
+    runner = make_runner(tmp_path, stage, batch_size)
+    runner.settings = runner.settings.replace(mem_mb=mem_mb)
+    runner.resources.__dict__["memory_per_subject_mb"] = per_subject_mb  # the estimate, without a bundle
+    return runner
+
+
+def test_mem_caps_the_batch_size_from_the_estimate(tmp_path, caplog, monkeypatch):
+    import ldae_bids.runner as runner_mod
+    from ldae_bids.memory import BASE_MB
+
+    caplog.set_level("INFO", logger="ldae_bids")
+    monkeypatch.setattr(runner_mod, "_peak_rss_mb", lambda: 0.0)
+    stage = recorder()
+    runner = mem_runner(tmp_path, stage, 8, int(BASE_MB + 250), 100.0)
+    results = runner.run_participant(subjects(tmp_path, 5))
+    assert [r.status for r in results] == ["done"] * 5
+    assert stage.calls == [("01", "02"), ("03", "04"), ("05",)]
+    assert "at most 2 subject(s) per batch" in caplog.text
+    # a limit the estimate fits in leaves the batch size alone
+    stage = recorder()
+    runner = mem_runner(tmp_path / "b", stage, 3, int(BASE_MB + 1000), 100.0)
+    runner.run_participant(subjects(tmp_path / "b", 3))
+    assert stage.calls == [("01", "02", "03")]
+
+
+def test_a_batch_over_mem_lowers_the_batch_size_and_one_subject_over_it_warns_once(tmp_path, caplog, monkeypatch):
+    import ldae_bids.runner as runner_mod
+    from ldae_bids.memory import BASE_MB
+
+    stage = recorder()
+    # the "measured" peak: 300 MB per subject of the latest call (the estimate said 100)
+    monkeypatch.setattr(runner_mod, "_peak_rss_mb", lambda: BASE_MB + 300.0 * len(stage.calls[-1]))
+    runner = mem_runner(tmp_path, stage, 4, int(BASE_MB + 700), 100.0)
+    results = runner.run_participant(subjects(tmp_path, 8))
+    assert [r.status for r in results] == ["done"] * 8
+    # 4 peaked at 1200 MB over the base (limit 700): 300 per subject -> 2 from then on; 2 fit (600)
+    assert stage.calls == [("01", "02", "03", "04"), ("05", "06"), ("07", "08")]
+    assert "went over --mem" in caplog.text and "batches of 2 from now on" in caplog.text
+    caplog.clear()
+    stage = recorder()
+    runner = mem_runner(tmp_path / "c", stage, 1, int(BASE_MB + 100), 100.0)
+    runner.run_participant(subjects(tmp_path / "c", 3))
+    assert stage.calls == [("01",), ("02",), ("03",)]
+    assert caplog.text.count("with one subject per batch") == 1

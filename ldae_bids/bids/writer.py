@@ -164,9 +164,7 @@ class DerivativesWriter:
         return self._record(atomic_write(self.path(**entities, extension=extension), write))
 
     def write_figure(self, fig, entities: dict[str, Any], extension: str = ".svg") -> Path:
-        """Save a matplotlib figure under ``sub-<label>/figures/`` (or ``group/``) and close it."""
-        import matplotlib.pyplot as plt
-
+        """Save a matplotlib figure under ``sub-<label>/figures/`` (or ``group/``) and close it (a pyplot one)."""
         ents = dict(entities)
         if "subject" in ents:
             ents["datatype"] = "figures"
@@ -174,7 +172,10 @@ class DerivativesWriter:
             return self.write_file(ents, extension, lambda tmp: fig.savefig(tmp, format=extension[1:],
                                                                           bbox_inches="tight"))
         finally:
-            plt.close(fig)
+            if getattr(fig.canvas, "manager", None) is not None:  # made by pyplot: drop it from its registry
+                import matplotlib.pyplot as plt
+
+                plt.close(fig)
 
     def remove_written(self) -> None:
         """Roll back: delete what this writer wrote (after a failure)."""

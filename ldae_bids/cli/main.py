@@ -90,6 +90,10 @@ def run(
                                                         rich_help_panel=PERF)] = None,
     batch_size: Annotated[Optional[int], typer.Option(
         help="Subjects per batch (default: 8 on a GPU, 1 on the CPU).", rich_help_panel=PERF)] = None,
+    mem: Annotated[Optional[str], typer.Option(
+        "--mem", "--mem-mb", "--mem_mb", help="Host memory the run may use, e.g. 16GB or 16000MB (a bare number is "
+        "MB): caps the subjects per batch; a batch that goes over it lowers the batch size for the rest of the run.",
+        rich_help_panel=PERF)] = None,
     random_seed: Annotated[Optional[int], typer.Option(help="Seed for everything random.",
                                                        rich_help_panel=PERF)] = None,
     model: Annotated[Optional[Path], typer.Option(
@@ -153,7 +157,7 @@ def run(
         bids_database_dir=bids_database_dir, stages=stages, skip_stages=skip_stages, work_dir=work_dir,
         stop_on_first_crash=stop_on_first_crash or None, force=force or None, reports_only=reports_only or None,
         verbose=verbose or None, device=device, nprocs=nprocs, omp_nthreads=omp_nthreads, batch_size=batch_size,
-        random_seed=random_seed, model=model, ddim_steps=ddim_steps, save_xt=save_xt, targets=targets,
+        mem=mem, random_seed=random_seed, model=model, ddim_steps=ddim_steps, save_xt=save_xt, targets=targets,
         baseline_features=baseline_features, probe=probe, strengths=strengths, fill_months=fill_months,
         fill_schedule_months=fill_schedule_months, session_time=session_time,
         stage_options=stage_opts or None,

@@ -15,7 +15,8 @@ through ``ctx.writer`` and read what earlier stages wrote from the output folder
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -70,6 +71,28 @@ class StageContext:
     def option(self, key: str, default: str | None = None) -> str | None:
         """A ``--stage-option <stage>.<key>=<value>`` for this stage."""
         return self.settings.stage_option(self.stage.name, key, default)
+
+    def for_each(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        """``[fn(item) for item in items]``, on up to ``--nprocs`` host threads (at most 8, one per item).
+
+        For the host side of a batch: reading its inputs, writing its outputs and figures. nibabel's gzip,
+        the PNG encoder of the SVG figures and numpy release the GIL, so a GPU batch of 8 subjects writes side
+        by side instead of one subject after the other (``benchmarks/results/host_io.md``). Raises the first
+        error in item order, on threads once every item has finished (the runner rolls back what the stage wrote).
+        Figures must use matplotlib's object API (``matplotlib.figure.Figure``), not pyplot.
+        """
+        items = list(items)
+        workers = min(len(items), 8, self.settings.nprocs or os.cpu_count() or 1)
+        if workers <= 1:
+            return [fn(item) for item in items]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(workers, thread_name_prefix=f"ldae-{self.stage.name}") as pool:
+            futures = [pool.submit(fn, item) for item in items]
+        for future in futures:
+            if future.exception() is not None:
+                raise future.exception()
+        return [f.result() for f in futures]
 
 
 class Stage:

@@ -1,17 +1,18 @@
-"""Figures for the reports (matplotlib, Agg backend, SVG)."""
+"""Figures for the participant stages (matplotlib, SVG).
+
+Built with matplotlib's object API (``Figure``), not pyplot: pyplot's figure registry is global state, and
+the stages write a batch's outputs on several threads (``StageContext.for_each``).
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
 
-def _plt():
-    import matplotlib
+def _figure(**kwargs):
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(**kwargs)
 
 
 def _slices(shape) -> list[tuple[int, int]]:
@@ -25,8 +26,8 @@ def _take(vol: np.ndarray, axis: int, index: int) -> np.ndarray:
 
 def qc_overlay(image: np.ndarray, mask: np.ndarray, template_mask: np.ndarray | None, title: str):
     """The model-ready image with the brain mask (red) and template brain (blue) outlines."""
-    plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(9, 3.4))
+    fig = _figure(figsize=(9, 3.4))
+    axes = fig.subplots(1, 3)
     for ax, (axis, idx) in zip(axes, _slices(image.shape)):
         ax.imshow(_take(image, axis, idx), cmap="gray", vmin=0, vmax=1)
         ax.contour(_take(mask, axis, idx), levels=[0.5], colors="red", linewidths=0.8)
@@ -39,12 +40,12 @@ def qc_overlay(image: np.ndarray, mask: np.ndarray, template_mask: np.ndarray | 
 
 def image_rows(rows: list[tuple[str, np.ndarray]], title: str, diff_of: tuple[int, int] | None = None):
     """A grid of images (one row per image, three orthogonal slices), optional |difference| row."""
-    plt = _plt()
     items = list(rows)
     if diff_of is not None:
         a, b = diff_of
         items.append((f"|{items[a][0]} - {items[b][0]}|", np.abs(items[a][1] - items[b][1])))
-    fig, axes = plt.subplots(len(items), 3, figsize=(7.5, 2.4 * len(items)), squeeze=False)
+    fig = _figure(figsize=(7.5, 2.4 * len(items)))
+    axes = fig.subplots(len(items), 3, squeeze=False)
     for r, (label, vol) in enumerate(items):
         is_diff = diff_of is not None and r == len(items) - 1
         for c, (axis, idx) in enumerate(_slices(vol.shape)):

@@ -35,7 +35,7 @@ class EmbedStage(Stage):
         from safetensors.torch import save_file
 
         sessions = [ses for u in units for ses in u.sessions]
-        loaded = [load_preproc(ctx, ses) for ses in sessions]
+        loaded = ctx.for_each(lambda ses: load_preproc(ctx, ses), sessions)
         images = torch.from_numpy(np.stack([d for d, _, _ in loaded]))[:, None]
         pipe = ctx.model.pipeline
         steps = ctx.settings.ddim_steps

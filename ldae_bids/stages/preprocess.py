@@ -35,16 +35,16 @@ class PreprocessStage(Stage):
         if ctx.settings.derivatives:
             from ldae_bids.preprocessing.derivatives import from_derivatives
 
-            results = [from_derivatives(ses, ctx.settings.derivatives, grid, normalisation=intensity["normalisation"])
-                       for ses in sessions]
+            results = ctx.for_each(lambda ses: from_derivatives(ses, ctx.settings.derivatives, grid,
+                                                                normalisation=intensity["normalisation"]), sessions)
         else:
-            images = [load_t1w(ses.t1w) for ses in sessions]
+            images = ctx.for_each(lambda ses: load_t1w(ses.t1w), sessions)
             results = preprocess_batch(images, grid, device=ctx.device, normalisation=intensity["normalisation"],
                                        bias_correction=intensity["bias_correction"])
-        for ses, res in zip(sessions, results):
+        for res in results:
             if isinstance(res, BaseException):
                 raise res
-            self._write(ctx, ses, res, grid)
+        ctx.for_each(lambda item: self._write(ctx, *item, grid), list(zip(sessions, results)))
 
     def _write(self, ctx: StageContext, ses: SessionInput, res, grid) -> None:
         from ldae_bids.preprocessing import write_itk_affine

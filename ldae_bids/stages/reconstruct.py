@@ -32,26 +32,37 @@ class ReconstructStage(Stage):
         """Decode every session of ``units`` in one batch (one DDIM loop for all of them)."""
         import torch
 
-        from ldae_bids.metrics import similarity
-        from ldae_bids.reports.figures import image_rows
+        from ldae_bids.metrics import similarity_batch
 
         pipe = ctx.model.pipeline
         steps = ctx.settings.ddim_steps
         sessions = [ses for u in units for ses in u.sessions]
-        loaded = [(load_preproc(ctx, ses), load_ysem(ctx, ses), load_xt(ctx, ses)) for ses in sessions]
+        loaded = ctx.for_each(lambda ses: (load_preproc(ctx, ses), load_ysem(ctx, ses), load_xt(ctx, ses)),
+                              sessions)
         xt = torch.cat([x for _, _, (x, _) in loaded]).to(ctx.device)
         y = torch.from_numpy(np.stack([v for _, (v, _), _ in loaded])).to(ctx.device)
-        out = pipe.decode(xt, y, steps=steps).float().clamp(0, 1).cpu().numpy()
-        for i, (ses, ((data, mask, src), (_, ypath), (_, xpath))) in enumerate(zip(sessions, loaded)):
-            recon = out[i, 0]
-            recon = np.where(mask, recon, 0.0).astype(np.float32) if ctx.option("mask", "yes") == "yes" else recon
-            metrics = similarity(torch.from_numpy(data), torch.from_numpy(recon), torch.from_numpy(mask))
-            ctx.writer.write_nifti(grid_image(ctx, recon), outputs.reconstruction(ses, ctx.grid.res_label), {
-                "Description": "LDAE reconstruction: DDIM decoding of (x_T, y_sem), then the autoencoder decoder; "
-                               "outside the brain mask set to 0.",
-                "SkullStripped": True, "DDIMSteps": steps,
-                "Metrics": {k: round(v, 6) for k, v in metrics.items()},
-            }, sources=[src, ypath, xpath])
-            fig = image_rows([("input", data), ("reconstruction", recon)],
-                             f"{ses.key}: SSIM {metrics['ssim_mask']:.3f} (brain), {steps} DDIM steps", diff_of=(0, 1))
-            ctx.writer.write_figure(fig, {**ses.entities, "desc": "reconstruction", "suffix": "T1w"})
+        recon = pipe.decode(xt, y, steps=steps).float().clamp(0, 1)
+        images = torch.from_numpy(np.stack([d for (d, _, _), _, _ in loaded]))[:, None].to(ctx.device)
+        masks = torch.from_numpy(np.stack([m for (_, m, _), _, _ in loaded]))[:, None].to(ctx.device)
+        if ctx.option("mask", "yes") == "yes":
+            recon = torch.where(masks, recon, torch.zeros_like(recon))
+        metrics = similarity_batch(images, recon, masks)  # on the device, the whole batch at once
+        out = recon.cpu().numpy()
+        ctx.for_each(lambda i: self._write(ctx, sessions[i], loaded[i], out[i, 0], metrics[i], steps),
+                     range(len(sessions)))
+
+    @staticmethod
+    def _write(ctx: StageContext, ses, loaded, recon: np.ndarray, metrics: dict, steps: int) -> None:
+        """One session's reconstruction, sidecar with its metrics, and figure."""
+        from ldae_bids.reports.figures import image_rows
+
+        (data, mask, src), (_, ypath), (_, xpath) = loaded
+        ctx.writer.write_nifti(grid_image(ctx, recon), outputs.reconstruction(ses, ctx.grid.res_label), {
+            "Description": "LDAE reconstruction: DDIM decoding of (x_T, y_sem), then the autoencoder decoder; "
+                           "outside the brain mask set to 0.",
+            "SkullStripped": True, "DDIMSteps": steps,
+            "Metrics": {k: round(v, 6) for k, v in metrics.items()},
+        }, sources=[src, ypath, xpath])
+        fig = image_rows([("input", data), ("reconstruction", recon)],
+                         f"{ses.key}: SSIM {metrics['ssim_mask']:.3f} (brain), {steps} DDIM steps", diff_of=(0, 1))
+        ctx.writer.write_figure(fig, {**ses.entities, "desc": "reconstruction", "suffix": "T1w"})

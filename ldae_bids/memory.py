@@ -1,0 +1,82 @@
+"""``--mem``: the host memory a run may use, and how the participant level keeps to it.
+
+The participant level holds a batch of subjects in memory at once, so its host memory grows with the batch
+size. ``--mem`` caps the batch size from an estimate of the memory one subject of a batch costs, and lowers
+it for the rest of the run when the process's measured peak goes over the limit anyway. The estimate is
+calibrated by ``benchmarks/bench_memory.py`` (peak resident memory of the app at batch sizes 1, 2 and 4 on
+IXI; ``benchmarks/results/memory.md``): the largest activations are the autoencoder's full-resolution
+feature maps, so it scales with the grid's voxels times the autoencoder's first width. It is a guide, not
+a hard limit: nothing is killed, and on a GPU the device memory is governed by the out-of-memory retry.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+from ldae_bids.errors import UsageError
+
+# Calibration (benchmarks/results/memory.md, CPU, shipped compact bundle: 80x96x80 grid, width 16): the peak
+# after reconstruct at batch sizes 1, 2, 4, 8 follows about 750 MiB + 290 MiB per subject (least squares over
+# two runs), i.e. about 30 bytes per voxel and channel of the autoencoder's first level. The base is set higher,
+# 1000 MiB, for the run-to-run spread (about 100 MiB) and for several batches in one process: with a base of
+# 900 MiB, --mem 2GB ran batches of 4 and peaked at 2041 MiB, too close to the limit.
+BYTES_PER_VOXEL_CHANNEL = 30.0
+BASE_MB = 1000.0
+
+_UNITS = {"": 1.0, "B": 1 / 2**20, "K": 1 / 2**10, "M": 1.0, "G": 2**10, "T": 2**20}
+
+
+def parse_memory(value: str | int | float) -> int:
+    """``--mem`` text to MiB: a number with an optional unit (``16GB``, ``16G``, ``16000MB``, ``16000``).
+
+    A bare number is MB, as in fMRIPrep's ``--mem``/``--mem-mb``; units are binary (``1GB`` = 1024 MB).
+    """
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        number, unit = float(value), ""
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([BKMGT]?)(?:I?B)?\s*", str(value).upper())
+        if not match:
+            raise UsageError(f"--mem {value!r}: expected a size such as 16GB, 16G or 16000MB (a bare number is MB)")
+        number, unit = float(match.group(1)), match.group(2)
+    mb = number * _UNITS[unit]
+    if not math.isfinite(mb) or mb < 1:
+        raise UsageError(f"--mem {value!r}: must be at least 1 MB")
+    return int(mb)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MiB; Linux reports KiB, macOS bytes)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def subject_mb(grid_shape, first_channels: int) -> float:
+    """Estimated host memory (MiB) one more subject in a batch costs."""
+    voxels = math.prod(int(n) for n in grid_shape)
+    return voxels * int(first_channels) * BYTES_PER_VOXEL_CHANNEL / 2**20
+
+
+def estimate_for_bundle(path: Path) -> dict:
+    """The estimate for a model bundle folder, from its config.json (no weights read)."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    grid = [int(n) for n in config["image_shape"]]
+    first = int(config["autoencoder"]["channels"][0])
+    return {"grid": grid, "first_channels": first, "per_subject_mb": subject_mb(grid, first), "base_mb": BASE_MB}
+
+
+def max_batch(mem_mb: float, per_subject: float, base_mb: float = BASE_MB) -> int:
+    """The largest batch size whose estimate fits in ``mem_mb`` (at least 1)."""
+    return max(1, int((mem_mb - base_mb) // max(per_subject, 1e-6)))
+
+
+def lowered_batch(batch: int, mem_mb: float, peak_mb: float, base_mb: float) -> int:
+    """After a batch of ``batch`` peaked at ``peak_mb`` (over ``mem_mb``): the batch size that would have fit,
+    from the memory the batch added over ``base_mb`` (at least 1, below ``batch``)."""
+    per_subject = max(peak_mb - base_mb, 1.0) / batch
+    return max(1, min(batch - 1, int((mem_mb - base_mb) // per_subject)))
