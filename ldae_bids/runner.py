@@ -183,6 +183,7 @@ class Runner:
         if self.settings.mem_mb and batch_size > 1:
             batch_size = self._batch_for_memory(batch_size)
         self.batch_limit = batch_size  # lowered for the rest of the run when a batch runs out of memory
+        self._mem_peak = 0.0  # the peak at the last --mem check (ru_maxrss never decreases)
         self._mem_warned = False
         task = progress.add_task("subjects", total=len(subjects)) if progress else None
         start = 0
@@ -216,12 +217,15 @@ class Runner:
         return batch_size
 
     def _keep_to_memory(self, batch: int) -> None:
-        """After a batch: when the process's peak went over ``--mem``, lower the batch size for the rest of the
-        run (as for an out-of-memory batch), or say once that even one subject per batch does not fit."""
+        """After a batch: when it raised the process's peak over ``--mem``, lower the batch size for the rest of
+        the run (as for an out-of-memory batch), or say once that even one subject per batch does not fit. The
+        peak never decreases, so a batch that did not raise it is not judged by an earlier batch's peak."""
         from ldae_bids.memory import BASE_MB, lowered_batch
 
         peak, limit = _peak_rss_mb(), self.settings.mem_mb
-        if peak <= limit:
+        raised = peak > self._mem_peak
+        self._mem_peak = max(self._mem_peak, peak)
+        if peak <= limit or not raised:
             return
         if batch > 1 and self.batch_limit > 1:
             self.batch_limit = min(self.batch_limit, lowered_batch(batch, limit, peak, BASE_MB))

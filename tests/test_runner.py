@@ -218,8 +218,9 @@ def test_a_batch_over_mem_lowers_the_batch_size_and_one_subject_over_it_warns_on
     from ldae_bids.memory import BASE_MB
 
     stage = recorder()
-    # the "measured" peak: 300 MB per subject of the latest call (the estimate said 100)
-    monkeypatch.setattr(runner_mod, "_peak_rss_mb", lambda: BASE_MB + 300.0 * len(stage.calls[-1]))
+    # the "measured" peak: 300 MB per subject of the largest call so far (the estimate said 100); like
+    # ru_maxrss it never decreases, so the later, smaller batches must not be judged by the first one's peak
+    monkeypatch.setattr(runner_mod, "_peak_rss_mb", lambda: BASE_MB + 300.0 * max(len(c) for c in stage.calls))
     runner = mem_runner(tmp_path, stage, 4, int(BASE_MB + 700), 100.0)
     results = runner.run_participant(subjects(tmp_path, 8))
     assert [r.status for r in results] == ["done"] * 8
