@@ -37,7 +37,7 @@ for p in (REPO, REPO / "benchmarks"):
         sys.path.insert(0, str(p))
 
 from bench_analyses import App, BenchError, bundle_info  # noqa: E402
-from bench_participant import machine  # noqa: E402
+from bench_participant import machine, run_and_write  # noqa: E402
 
 PHASES = ("read raw T1w", "write preprocess outputs", "reconstruct SSIM/MSE (batched, on the device)",
           "write reconstruct outputs")
@@ -203,16 +203,7 @@ def main(argv=None) -> int:
     if not (args.bids / "participants.tsv").is_file():
         print(f"bench_host_io: {args.bids}: no BIDS dataset here (../shared absent?); nothing measured")
         return 0
-    try:
-        rep = run(args)
-    except BenchError as exc:
-        print(f"bench_host_io: {exc}", file=sys.stderr)
-        return 1
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "host_io.json").write_text(json.dumps(rep, indent=1, default=str) + "\n")
-    (args.out / "host_io.md").write_text(markdown(rep))
-    print(markdown(rep))
-    return 0
+    return run_and_write("host_io", run, markdown, args)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ Writes ``memory.json`` and ``memory.md`` to ``--out``. Exits 0 with a message wh
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -34,7 +33,7 @@ for p in (REPO, REPO / "benchmarks"):
         sys.path.insert(0, str(p))
 
 from bench_analyses import App, BenchError, bundle_info  # noqa: E402
-from bench_participant import call, machine  # noqa: E402
+from bench_participant import call, machine, run_and_write  # noqa: E402
 
 STAGES = ("preprocess", "embed", "reconstruct")
 
@@ -161,16 +160,7 @@ def main(argv=None) -> int:
     if not (args.bids / "participants.tsv").is_file():
         print(f"bench_memory: {args.bids}: no BIDS dataset here (../shared absent?); nothing measured")
         return 0
-    try:
-        rep = run(args)
-    except BenchError as exc:
-        print(f"bench_memory: {exc}", file=sys.stderr)
-        return 1
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "memory.json").write_text(json.dumps(rep, indent=1, default=str) + "\n")
-    (args.out / "memory.md").write_text(markdown(rep))
-    print(markdown(rep))
-    return 0
+    return run_and_write("memory", run, markdown, args)
 
 
 if __name__ == "__main__":

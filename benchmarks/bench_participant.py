@@ -226,15 +226,21 @@ def main(argv=None) -> int:
     # every stage must run for its time to be measured: start from empty output folders
     for sub in ("out", "long-out", "scratch") + (() if args.keep_simulation else ("long",)):
         shutil.rmtree(args.work / sub, ignore_errors=True)
+    return run_and_write("participant", run, markdown, args)
+
+
+def run_and_write(name: str, run_fn, markdown_fn, args) -> int:
+    """``run_fn(args)``, then ``name.json`` and ``name.md`` in ``args.out`` (the Markdown printed too); 1 with
+    the message on a :class:`BenchError`. The tail of every app-driving benchmark's ``main``."""
     try:
-        rep = run(args)
+        rep = run_fn(args)
     except BenchError as exc:
-        print(f"bench_participant: {exc}", file=sys.stderr)
+        print(f"bench_{name}: {exc}", file=sys.stderr)
         return 1
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "participant.json").write_text(json.dumps(rep, indent=1, default=str) + "\n")
-    (args.out / "participant.md").write_text(markdown(rep))
-    print(markdown(rep))
+    (args.out / f"{name}.json").write_text(json.dumps(rep, indent=1, default=str) + "\n")
+    (args.out / f"{name}.md").write_text(markdown_fn(rep))
+    print(markdown_fn(rep))
     return 0
 
 

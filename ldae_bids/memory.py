@@ -3,7 +3,7 @@
 The participant level holds a batch of subjects in memory at once, so its host memory grows with the batch
 size. ``--mem`` caps the batch size from an estimate of the memory one subject of a batch costs, and lowers
 it for the rest of the run when the process's measured peak goes over the limit anyway. The estimate is
-calibrated by ``benchmarks/bench_memory.py`` (peak resident memory of the app at batch sizes 1, 2 and 4 on
+calibrated by ``benchmarks/bench_memory.py`` (peak resident memory of the app at batch sizes 1, 2, 4 and 8 on
 IXI; ``benchmarks/results/memory.md``): the largest activations are the autoencoder's full-resolution
 feature maps, so it scales with the grid's voxels times the autoencoder's first width. It is a guide, not
 a hard limit: nothing is killed, and on a GPU the device memory is governed by the out-of-memory retry.

@@ -89,10 +89,7 @@ class StageContext:
 
         with ThreadPoolExecutor(workers, thread_name_prefix=f"ldae-{self.stage.name}") as pool:
             futures = [pool.submit(fn, item) for item in items]
-        for future in futures:
-            if future.exception() is not None:
-                raise future.exception()
-        return [f.result() for f in futures]
+        return [f.result() for f in futures]  # all done (the pool waited); result() raises the first error in order
 
 
 class Stage:
