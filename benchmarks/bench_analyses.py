@@ -16,7 +16,8 @@ Four measurements, each by running ``ldae-bids`` (``python -m ldae_bids``) as a 
    x_T, then ``manipulate --probe group/target-age_desc-probe_probe.json --strengths -2 -1 -0.5 0.5 1 2``; the
    fraction of subjects whose re-encoded predicted age rises monotonically with the strength (over all of
    them, and over those within [-1, 1]), and the mean predicted
-   age per strength.
+   age per strength; then ``--strength-unit target --strengths -20 -10 -5 5 10 20`` (years asked for): the
+   change of the re-encoded predicted age against the change asked.
 4. **Missing sessions**: ``benchmarks/simulate_longitudinal.py`` makes ``--long-subjects`` longitudinal
    subjects (validation subjects first) at months 0 3 6 15 30, so that leaving out each inner session gives
    gaps of 6, 12 and 24 months between the bracketing sessions (fractions 0.5, 0.25, 0.375); the
@@ -60,6 +61,7 @@ if str(REPO / "benchmarks") not in sys.path:
 PARTS = ("participant", "group", "manipulate", "fill")
 LONG_MONTHS = (0, 3, 6, 15, 30)
 STRENGTHS = (-2.0, -1.0, -0.5, 0.5, 1.0, 2.0)
+CHANGES = (-20.0, -10.0, -5.0, 5.0, 10.0, 20.0)  # years, for --strength-unit target
 N_BOOT = 1000
 
 
@@ -456,12 +458,10 @@ def run_manipulate(args, app: App, out: Path, labels: list[str], bundle: dict) -
             oof = dict(zip(o["participant_id"].str.removeprefix("sub-"), o["probe_pred"].astype(float)))
     subjects, by_strength = [], {}
     for sub in chosen:
-        tsv = out / f"sub-{sub}" / "anat" / f"sub-{sub}_desc-manipAge_predictions.tsv"
-        if not tsv.is_file():
+        t, monotonic = _manip_table(out, sub)
+        if t is None:
             subjects.append({"subject": sub, "error": "no predictions table"})
             continue
-        t = pd.read_csv(tsv, sep="\t", keep_default_na=False, na_values=["n/a"]).sort_values("strength")
-        side = json.loads(tsv.with_suffix(".json").read_text())
         scores = dict(zip(t["strength"].astype(float), t["score_reencoded"].astype(float)))
         orig = t["score_original_codes"].dropna()
         for a, s in scores.items():
@@ -471,7 +471,7 @@ def run_manipulate(args, app: App, out: Path, labels: list[str], bundle: dict) -
                          "predicted_age_original_codes": float(orig.iloc[0]) if len(orig) else None,
                          "predicted_age_out_of_fold": oof.get(sub),
                          "predicted_age_reencoded": {f"{a:g}": s for a, s in scores.items()},
-                         "monotonic": bool(side.get("Monotonic")),
+                         "monotonic": monotonic,
                          "monotonic_within_1": bool(np.all(np.diff([v for a, v in sorted(scores.items())
                                                                     if abs(a) <= 1.0]) > 0))})
     ok = [s for s in subjects if "error" not in s]
@@ -480,16 +480,61 @@ def run_manipulate(args, app: App, out: Path, labels: list[str], bundle: dict) -
         a = np.array([float(k) for k in s["predicted_age_reencoded"]])
         v = np.array(list(s["predicted_age_reencoded"].values()))
         slopes.append(float(np.polyfit(a, v, 1)[0]) if a.size > 1 else float("nan"))
-    return {"subjects": subjects, "n_subjects": len(ok), "strengths": [0.0, *args.strengths],
-            "n_monotonic_within_1": int(sum(s["monotonic_within_1"] for s in ok)),
-            "ddim_steps": args.ddim_steps,
-            "monotonic_fraction": float(np.mean([s["monotonic"] for s in ok])) if ok else None,
+    result = {"subjects": subjects, "n_subjects": len(ok), "strengths": [0.0, *args.strengths],
+              "n_monotonic_within_1": int(sum(s["monotonic_within_1"] for s in ok)),
+              "ddim_steps": args.ddim_steps,
+              "monotonic_fraction": float(np.mean([s["monotonic"] for s in ok])) if ok else None,
+              "n_monotonic": int(sum(s["monotonic"] for s in ok)),
+              "mean_predicted_age_by_strength": {f"{a:g}": summarise(v) for a, v in sorted(by_strength.items())},
+              "slope_years_per_unit_strength": summarise(slopes),
+              "embed_xt_seconds_per_subject": summarise(stage_seconds(c1, "embed")),
+              "manipulate_seconds_per_subject": summarise(stage_seconds(c2, "manipulate")),
+              "wall_seconds": c1["wall_seconds"] + c2["wall_seconds"], "probe": str(probe)}
+    if args.changes:
+        result["target_units"] = run_manipulate_years(args, app, out, chosen, probe, steps)
+        result["wall_seconds"] += result["target_units"]["wall_seconds"]
+    return result
+
+
+def _manip_table(out: Path, sub: str):
+    """A subject's ``desc-manipAge_predictions.tsv`` (sorted by strength) and its sidecar's Monotonic."""
+    import pandas as pd
+
+    tsv = out / f"sub-{sub}" / "anat" / f"sub-{sub}_desc-manipAge_predictions.tsv"
+    if not tsv.is_file():
+        return None, None
+    t = pd.read_csv(tsv, sep="\t", keep_default_na=False, na_values=["n/a"]).sort_values("strength")
+    return t, bool(json.loads(tsv.with_suffix(".json").read_text()).get("Monotonic"))
+
+
+def run_manipulate_years(args, app: App, out: Path, chosen: list[str], probe: Path, steps: list[str]) -> dict:
+    """``--strength-unit target``: strengths are changes of the predicted age asked for, in years; measured
+    against the change of the re-encoded prediction (re-encoded counterfactual minus re-encoded reconstruction)."""
+    call = app("manipulate-years", args.bids, out, "participant", "--participant-label", *chosen,
+               "--stages", "manipulate", "--skip-stages", "preprocess", "--probe", str(probe),
+               "--strength-unit", "target", "--strengths", *map(str, args.changes), *steps)
+    subjects, by_change = [], {}
+    for sub in chosen:
+        t, monotonic = _manip_table(out, sub)
+        if t is None or "change_reencoded" not in t.columns:
+            subjects.append({"subject": sub, "error": "no predictions table with change_reencoded"})
+            continue
+        got = dict(zip(t["strength"].astype(float), t["change_reencoded"].astype(float)))
+        for c, v in got.items():
+            by_change.setdefault(c, []).append(v)
+        asked = np.array([c for c in got if c != 0.0])
+        realised = np.array([got[c] for c in asked])
+        subjects.append({"subject": sub, "monotonic": monotonic, "change_reencoded": {f"{c:g}": v for c, v in got.items()},
+                         "alpha_per_year": float(t["alpha"].iloc[-1] / t["strength"].iloc[-1]),
+                         "gain": float(asked @ realised / (asked @ asked))})  # least squares through 0
+    ok = [s for s in subjects if "error" not in s]
+    return {"changes": [0.0, *args.changes], "subjects": subjects, "n_subjects": len(ok),
             "n_monotonic": int(sum(s["monotonic"] for s in ok)),
-            "mean_predicted_age_by_strength": {f"{a:g}": summarise(v) for a, v in sorted(by_strength.items())},
-            "slope_years_per_unit_strength": summarise(slopes),
-            "embed_xt_seconds_per_subject": summarise(stage_seconds(c1, "embed")),
-            "manipulate_seconds_per_subject": summarise(stage_seconds(c2, "manipulate")),
-            "wall_seconds": c1["wall_seconds"] + c2["wall_seconds"], "probe": str(probe)}
+            "mean_change_by_asked": {f"{c:g}": summarise(v) for c, v in sorted(by_change.items())},
+            "realised_per_asked_year": summarise([s["gain"] for s in ok]),
+            "alpha_per_year": summarise([s["alpha_per_year"] for s in ok]),
+            "manipulate_seconds_per_subject": summarise(stage_seconds(call, "manipulate")),
+            "wall_seconds": call["wall_seconds"]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -695,6 +740,20 @@ def markdown(rep: dict) -> str:
                         else "n/a") + f" | {s['predicted_age_original_codes']:.1f} | "
                      + " | ".join(f"{pa.get(f'{a:g}', float('nan')):.1f}" for a in sorted(mp["strengths"]))
                      + f" | {s['monotonic']} |")
+        tu = mp.get("target_units")
+        if tu:
+            L += ["", "### Strengths in years (`--strength-unit target`)", "",
+                  f"The same subjects, `--strength-unit target --strengths {' '.join(f'{c:g}' for c in tu['changes'] if c)}`: "
+                  "each strength is the change of the probe's predicted age asked for; the app turns it into "
+                  f"alpha = change / (sqrt(d) |w|) ({tu['alpha_per_year'].get('mean', float('nan')):.4f} per year "
+                  "for this probe). Realised = predicted age of the re-encoded counterfactual minus that of the "
+                  f"re-encoded reconstruction. Monotonic for **{tu['n_monotonic']}/{tu['n_subjects']}** subjects; "
+                  "realised change per year asked (least squares through 0, mean over subjects): "
+                  f"**{tu['realised_per_asked_year'].get('mean', float('nan')):.2f}** "
+                  f"(SD {tu['realised_per_asked_year'].get('sd', float('nan')):.2f}).", "",
+                  "| years asked | realised change, mean | SD | n |", "|---|---|---|---|"]
+            for c, v in tu["mean_change_by_asked"].items():
+                L.append(f"| {c} | {v.get('mean', float('nan')):+.2f} | {v.get('sd', float('nan')):.2f} | {v['n']} |")
         L.append("")
     f = rep.get("fill")
     if f:
@@ -787,6 +846,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--limit", type=int, default=None, help="first N subjects only")
     ap.add_argument("--ddim-steps", type=int, default=20, help="DDIM steps for x_T inversion and decoding")
     ap.add_argument("--manip-subjects", type=int, default=8)
+    ap.add_argument("--changes", type=float, nargs="*", default=list(CHANGES),
+                    help="years of predicted age asked for with --strength-unit target (none: skip that run)")
     ap.add_argument("--strengths", type=float, nargs="+", default=list(STRENGTHS),
                     help="manipulation strengths (z-scored units; 0, the reconstruction, is always added)")
     ap.add_argument("--long-subjects", type=int, default=4)
@@ -834,7 +895,7 @@ def main(argv=None) -> int:
                         "long_subjects": args.long_subjects, "limit": args.limit, "targets": args.targets,
                         "baseline_features": args.baseline_features, "preprocessed": args.preprocessed,
                         "nprocs": args.nprocs, "seed": args.seed, "bids_validation": args.validate,
-                        "strengths": list(args.strengths), "long_months": list(LONG_MONTHS)},
+                        "strengths": list(args.strengths), "changes": list(args.changes), "long_months": list(LONG_MONTHS)},
            "part_seconds": {}, "errors": {}, "calls": app.calls}
     labels = list(subjects)
     steps = [("participant", lambda: run_participant(args, app, out_dir, subjects, bundle)),

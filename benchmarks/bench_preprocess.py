@@ -268,6 +268,16 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def bias_choice(choice: str) -> str | None:
+    """``n4`` / ``None`` for ``--bias-correction``; ``bundle`` reads the shipped model's ``intensity`` record."""
+    if choice != "bundle":
+        return None if choice == "none" else "n4"
+    from ldae_bids.runtime import default_model_path
+
+    meta = json.loads((default_model_path() / "metadata.json").read_text())
+    return (meta.get("intensity") or {}).get("bias_correction")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bids", type=Path, default=REPO.parent / "shared" / "data" / "ixi")
@@ -282,6 +292,9 @@ def main(argv=None) -> int:
                     help="compare with/without N4 bias correction on N subjects (needs SimpleITK)")
     ap.add_argument("--n4-only", action="store_true", help="run only the N4 study")
     ap.add_argument("--sweep", action="store_true", help="deepbet threshold/dilation sweep (one extra deepbet run per subject)")
+    ap.add_argument("--bias-correction", choices=["bundle", "n4", "none"], default="bundle",
+                    help="N4 or not; 'bundle' (default): as the shipped model's metadata.json records, so --save-dir "
+                         "images match what the preprocess stage writes with the default model")
     args = ap.parse_args(argv)
 
     if not args.bids.is_dir():
@@ -312,12 +325,15 @@ def main(argv=None) -> int:
     if args.save_dir:
         args.save_dir.mkdir(parents=True, exist_ok=True)
         (args.save_dir / "DONE").unlink(missing_ok=True)
+    bias = bias_choice(args.bias_correction)
+    print(f"bench_preprocess: bias correction {bias or 'none'} (--bias-correction {args.bias_correction})")
     bs = args.batch_size or (16 if dev.type == "cuda" else 4)
     records, failed, sweep_rows = [], [], []
     t_start = time.perf_counter()
     for start in range(0, len(subjects), bs):
         chunk = subjects[start : start + bs]
-        results = preprocess_batch([str(s[1]) for s in chunk], grid, device=dev, batch_size=bs)
+        results = preprocess_batch([str(s[1]) for s in chunk], grid, device=dev, batch_size=bs,
+                                   bias_correction=bias)
         for (sub, t1, ref), res in zip(chunk, results):
             if isinstance(res, BaseException):
                 failed.append({"subject": sub, "error": str(res)})

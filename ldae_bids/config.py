@@ -64,6 +64,9 @@ class Settings:
     # it saturates at the ends of the training ages), about 16 years per unit strength
     # (benchmarks/results/analyses.md): +-1 already spans most of the adult age range
     strengths: tuple[float, ...] = (-1.0, -0.5, 0.5, 1.0)
+    # "alpha": the method's z-scored units x sqrt(d); "target": the change of the probe's prediction, in the
+    # target's own units (years for age; log-odds of the class for a classification probe)
+    strength_unit: str = "alpha"
     fill_months: tuple[float, ...] = ()
     fill_schedule_months: float | None = None
     session_time: str = "auto"
@@ -141,6 +144,9 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
+STRENGTH_UNITS = ("alpha", "target")
+
+
 def build_settings(**kwargs: Any) -> Settings:
     """Normalise and validate raw values (from the CLI and/or a config file)."""
     kw = {k: v for k, v in kwargs.items() if v is not None}
@@ -160,6 +166,8 @@ def build_settings(**kwargs: Any) -> Settings:
         if not math.isfinite(alpha) or abs(alpha) > 100 or round(alpha, 2) != alpha:
             raise UsageError(f"--strengths {alpha:g}: expected a number between -100 and 100 with at most two "
                              "decimals (it names the output files)")
+    if kw.get("strength_unit", "alpha") not in STRENGTH_UNITS:
+        raise UsageError(f"--strength-unit {kw['strength_unit']!r}: expected one of {', '.join(STRENGTH_UNITS)}")
     if "participant_label" in kw:
         kw["participant_label"] = tuple(_strip_prefix(v, "sub-") for v in kw["participant_label"])
     if "session_label" in kw:

@@ -76,8 +76,11 @@ def test_bench_analyses_runs_the_app(setup):
     assert man["n_subjects"] == 2 and all(s["validation_subject"] for s in man["subjects"])
     assert set(man["mean_predicted_age_by_strength"]) == {"-2", "-1", "-0.5", "0", "0.5", "1", "2"}
     assert 0 <= man["n_monotonic_within_1"] <= man["n_subjects"]
+    years = man["target_units"]  # --strength-unit target run: realised change of the re-encoded age per change asked
+    assert years["n_subjects"] == 2 and set(years["mean_change_by_asked"]) == {"-20", "-10", "-5", "0", "5", "10", "20"}
+    assert years["mean_change_by_asked"]["0"]["mean"] == 0.0 and np.isfinite(years["realised_per_asked_year"]["mean"])
     md = (out / "analyses.md").read_text()
-    assert "## 2. Probes" in md and "## 3. Manipulation" in md and rep["bundle"]["content_hash"] in md
+    assert "## 2. Probes" in md and "## 3. Manipulation" in md and "Strengths in years" in md and rep["bundle"]["content_hash"] in md
     # a re-run finds y_sem up to date, except for the two manipulated subjects: their embed stamp now says x_T
     assert bench.main(["--bids", str(bids), "--model", str(bundle), "--work", str(root / "work"), "--out",
                        str(out), "--preprocessed", str(cache), "--baseline-features", str(roi), "--ddim-steps", "2",

@@ -45,7 +45,8 @@ def test_version_through_the_real_entry_point():
                                   ["/d", "/o", "participant", "--nprocs", "many"],
                                   ["/d", "/o", "participant", "--strengths", "0.125"],
                                   ["/d", "/o", "participant", "--strengths", "1e3"],
-                                  ["/d", "/o", "participant", "--mem", "lots"]])
+                                  ["/d", "/o", "participant", "--mem", "lots"],
+                                  ["/d", "/o", "participant", "--strength-unit", "years"]])
 def test_usage_errors_exit_64(args, capsys):
     assert run(*args) == 64
     assert "error" in capsys.readouterr().err

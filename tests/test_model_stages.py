@@ -135,6 +135,19 @@ def test_manipulate_and_fill_missing(prepared, tmp_path):
     assert not list(anat.glob("*manipAgeMinus2*"))
     table = pd.read_csv(anat / "sub-02_desc-manipAge_predictions.tsv", sep="\t")
     assert list(table["strength"]) == [-0.25, 0.0, 2.0]
+    # strengths as changes of the probe's prediction (years): alpha = change / (sqrt(d) |w|)
+    from ldae_bids.analysis.probe import load_probe
+
+    assert _run(bids, out, bundle, "--stages", "manipulate", "--probe", probe, "--strength-unit", "target",
+                "--strengths", "5") == 0
+    older = anat / "sub-02_space-MNI152NLin2009cAsym_res-10_desc-manipAgeDeltaPlus5_T1w.json"
+    side = json.loads(older.read_text())
+    assert side["StrengthUnit"] == "target" and side["Strength"] == 5.0
+    assert side["Alpha"] == pytest.approx(5.0 / load_probe(probe).gain())
+    assert not list(anat.glob("*manipAgePlus2*"))  # the alpha-unit files of the previous run are gone
+    table = pd.read_csv(anat / "sub-02_desc-manipAge_predictions.tsv", sep="\t")
+    assert list(table["strength"]) == [0.0, 5.0] and set(table["strength_unit"]) == {"target"}
+    assert table["change_reencoded"].iloc[0] == 0.0 and np.isfinite(table["change_reencoded"].iloc[1])
     exe = shutil.which("bids-validator-deno") or shutil.which("bids-validator")
     if exe:
         proc = subprocess.run([exe, "--format", "json", str(out)], capture_output=True, text=True,

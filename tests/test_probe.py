@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ldae_bids.analysis.metrics import auroc, binary_auc
-from ldae_bids.analysis.probe import fit_probe, infer_kind, load_probe, save_probe
+from ldae_bids.analysis.probe import Probe, fit_probe, infer_kind, load_probe, save_probe
 from ldae_bids.analysis.targets import align_targets, clean_target, read_feature_table, read_target_table
 from ldae_bids.errors import InputError, ModelError, UsageError
 
@@ -208,6 +208,35 @@ def test_manipulate_moves_prediction_monotonically(regression, binary):
     assert (np.diff(p, axis=0) > 0).all()
     assert (bp.predict_proba(bp.manipulate(Xb, 1.0, cls="AD"))[:, 0] > bp.predict_proba(Xb)[:, 0]).all()
     np.testing.assert_allclose(bp.direction("AD"), -bp.direction("CN"))
+
+
+def test_strength_in_target_units_moves_the_output_as_asked(regression, binary):
+    X = regression[0][:10]
+    probe = regression[3].probe
+    for change in (-10.0, 2.5, 7.0):  # e.g. years
+        moved = probe.manipulate(X, probe.alpha_for_change(change))
+        np.testing.assert_allclose(probe.output(moved) - probe.output(X), change, rtol=1e-6, atol=1e-8)
+    # the gain is the output change per unit alpha
+    np.testing.assert_allclose(probe.output(probe.manipulate(X, 1.0)) - probe.output(X), probe.gain())
+    bp = binary[3].probe
+    Xb = binary[0][:10]
+    logit = np.log(bp.predict_proba(Xb)[:, 1] / bp.predict_proba(Xb)[:, 0])
+    np.testing.assert_allclose(bp.output(Xb), logit, rtol=1e-6)
+    for cls in ("AD", "CN"):  # towards either class: that class's log-odds rises by the change asked
+        moved = bp.manipulate(Xb, bp.alpha_for_change(1.5, cls), cls=cls)
+        np.testing.assert_allclose(bp.output(moved, cls) - bp.output(Xb, cls), 1.5, rtol=1e-6)
+
+
+def test_strength_in_target_units_multiclass():
+    rng, X, groups, _ = _data(5)
+    y = np.array(["CN", "MCI", "AD"])[np.argmax(X[:, :3], axis=1)]
+    probe = fit_probe(X, y, groups, n_boot=0).probe
+    moved = probe.manipulate(X, probe.alpha_for_change(2.0, "MCI"), cls="MCI")
+    np.testing.assert_allclose(probe.output(moved, "MCI") - probe.output(X, "MCI"), 2.0, rtol=1e-6)
+    zero = Probe(target="x", kind="regression", mean=np.zeros(3), scale=np.ones(3), coef=np.zeros((1, 3)),
+                 intercept=[0.0])
+    with pytest.raises(UsageError, match="zero weights"):
+        zero.alpha_for_change(1.0)
 
 
 def test_manipulate_keeps_torch_type(regression):

@@ -194,6 +194,36 @@ class Probe:
             return np.stack([_unit(row) for row in centred])
         return _unit(centred[self._class_index(cls)])
 
+    def output(self, X, cls=None) -> np.ndarray:
+        """The linear output that :meth:`manipulate` moves, one value per row, in the target's units.
+
+        Regression: the predicted value. Binary: the log-odds of ``classes[1]`` (of ``cls`` when given).
+        Multiclass: the logit of ``cls`` minus the mean logit (the softmax ignores a common shift).
+        """
+        s = self.decision_function(X)
+        if self.kind == "regression":
+            return s
+        if s.ndim == 1:
+            return -s if cls is not None and self._class_index(cls) == 0 else s
+        return s[:, self._class_index(cls)] - s.mean(axis=1)
+
+    def gain(self, cls=None) -> float:
+        """How much :meth:`output` changes per unit ``alpha`` of :meth:`manipulate`: ``sqrt(d) * |w|``."""
+        if self.coef.shape[0] == 1:
+            w = self.coef[0]
+        else:
+            w = (self.coef - self.coef.mean(axis=0, keepdims=True))[self._class_index(cls)]
+        return math.sqrt(self.feature_dim) * float(np.linalg.norm(w))
+
+    def alpha_for_change(self, change: float, cls=None) -> float:
+        """The ``alpha`` whose edit moves the probe's linear output (:meth:`output`) by ``change`` target units
+        (e.g. +10 years of predicted age). The output of the edited code moves exactly by ``change``; what the
+        decoded image, re-encoded, gives is what the manipulate stage measures."""
+        g = self.gain(cls)
+        if not g > 0:
+            raise UsageError(f"probe {self.target!r} has zero weights: no direction to move along")
+        return float(change) / g
+
     def manipulate(self, y_sem, alpha: float, cls=None):
         """The method's attribute edit: ``unscale(z(y) + alpha * sqrt(d) * w / |w|)``.
 

@@ -113,7 +113,11 @@ def run(
         "--probe", help="Saved probe(s) to manipulate along (default: group/*_probe.json).",
         rich_help_panel=MODEL)] = None,
     strengths: Annotated[Optional[list[float]], typer.Option(
-        "--strengths", help="Manipulation strengths (z-scored units; default -1 -0.5 0.5 1).", rich_help_panel=MODEL)] = None,
+        "--strengths", help="Manipulation strengths (default -1 -0.5 0.5 1, in --strength-unit).",
+        rich_help_panel=MODEL)] = None,
+    strength_unit: Annotated[Optional[str], typer.Option(
+        help="Units of --strengths: alpha (the method's: z-scored y_sem units x sqrt(d)) or target (the change of "
+             "the probe's prediction: e.g. years for age, log-odds for a class).", rich_help_panel=MODEL)] = None,
     fill_months: Annotated[Optional[list[float]], typer.Option(
         "--fill-months", help="Times (months from the first session) of visits to synthesise.",
         rich_help_panel=MODEL)] = None,
@@ -158,7 +162,8 @@ def run(
         stop_on_first_crash=stop_on_first_crash or None, force=force or None, reports_only=reports_only or None,
         verbose=verbose or None, device=device, nprocs=nprocs, omp_nthreads=omp_nthreads, batch_size=batch_size,
         mem=mem, random_seed=random_seed, model=model, ddim_steps=ddim_steps, save_xt=save_xt, targets=targets,
-        baseline_features=baseline_features, probe=probe, strengths=strengths, fill_months=fill_months,
+        baseline_features=baseline_features, probe=probe, strengths=strengths, strength_unit=strength_unit,
+        fill_months=fill_months,
         fill_schedule_months=fill_schedule_months, session_time=session_time,
         stage_options=stage_opts or None,
     )

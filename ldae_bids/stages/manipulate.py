@@ -1,7 +1,9 @@
 """``manipulate``: counterfactual images by moving y_sem along a probe direction.
 
 For each saved probe and each strength alpha: ``y' = unscale(z(y) + alpha * sqrt(d) * w/|w|)``, decoded with
-the session's own x_T. The result is re-encoded and the probe applied again, so the sidecar shows whether
+the session's own x_T. With ``--strength-unit target`` a strength is the change of the probe's prediction asked
+for (``+10`` = ten years older for an age probe; log-odds for a class), turned into
+``alpha = change / (sqrt(d) |w|)``; files are then named ``desc-manip<Target>DeltaPlus10``. The result is re-encoded and the probe applied again, so the sidecar shows whether
 the attribute moved as asked (monotonically with alpha).
 """
 
@@ -38,7 +40,7 @@ def probe_paths(settings) -> list[Path]:
 class ManipulateStage(Stage):
     name = "manipulate"
     level = Level.PARTICIPANT
-    version = "2"
+    version = "3"
     description = "counterfactual images along probe directions (needs probes from the group level)"
     requires = ("embed",)
     needs_model = True
@@ -48,7 +50,7 @@ class ManipulateStage(Stage):
         from ldae_bids.state import digest
 
         paths = probe_paths(settings)
-        return {"strengths": list(settings.strengths), "ddim_steps": settings.ddim_steps,
+        return {"strengths": list(settings.strengths), "strength_unit": settings.strength_unit, "ddim_steps": settings.ddim_steps,
                 "probes": {str(p): digest(p) for p in paths},
                 "class": settings.stage_option(self.name, "class")}
 
@@ -61,7 +63,8 @@ class ManipulateStage(Stage):
 
         pipe = ctx.model.pipeline
         steps = ctx.settings.ddim_steps
-        alphas = [0.0] + [a for a in ctx.settings.strengths if a != 0.0]
+        unit_name = ctx.settings.strength_unit
+        strengths = [0.0] + [a for a in ctx.settings.strengths if a != 0.0]
         cls = ctx.option("class")
         probes = [(p, load_probe(p)) for p in probe_paths(ctx.settings)]
         for ses in unit.sessions:
@@ -73,6 +76,8 @@ class ManipulateStage(Stage):
                     ctx.log.warning("%s: probe %s has %d classes; give --stage-option manipulate.class=NAME",
                                     ses.key, probe.target, len(probe.classes))
                     continue
+                # alpha: the method's strength; in target units, the alpha that moves the probe's output as asked
+                alphas = [probe.alpha_for_change(a, cls) if unit_name == "target" else a for a in strengths]
                 edited = np.stack([probe.manipulate(y, a, cls) for a in alphas]).astype(np.float32)
                 y_t = torch.from_numpy(edited).to(ctx.device)
                 images = pipe.decode(xt.to(ctx.device).expand(len(alphas), *xt.shape[1:]), y_t, steps=steps)
@@ -81,38 +86,51 @@ class ManipulateStage(Stage):
                 reenc = pipe.encode_semantic(images).float().cpu().numpy()
                 score_orig = _score(probe, y[None], cls)[0]
                 scores = _score(probe, reenc, cls)
+                change = probe.output(reenc, cls) - probe.output(reenc[:1], cls)[0]
                 label = "".join(ch for ch in probe.target if ch.isalnum())
                 label = label[:1].upper() + label[1:]
                 vols = images[:, 0].cpu().numpy()
-                rows = []
-                for i, a in enumerate(alphas):
-                    rows.append({"target": probe.target, "strength": a, "score_reencoded": float(scores[i]),
+                unit_text = (f"change of the '{probe.target}' probe's {'prediction' if probe.kind == 'regression' else 'log-odds'}"
+                             if unit_name == "target" else "z-scored units x sqrt(d)")
+                rows, jobs = [], []
+                for i, (a, alpha) in enumerate(zip(strengths, alphas)):
+                    rows.append({"target": probe.target, "strength": a, "strength_unit": unit_name, "alpha": alpha,
+                                 "score_reencoded": float(scores[i]), "change_reencoded": float(change[i]),
                                  "score_original_codes": float(score_orig) if a == 0 else None})
                     if a == 0:
                         continue
-                    desc = f"manip{label}{strength_label(a)}"
-                    side = {"Description": f"Counterfactual: y_sem moved by {a:+g} (z-scored units x sqrt(d)) along "
-                                           f"the '{probe.target}' probe direction; x_T of the session kept.",
-                            "Strength": a, "Probe": str(ppath), "Target": probe.target, "DDIMSteps": steps,
+                    desc = f"manip{label}{'Delta' if unit_name == 'target' else ''}{strength_label(a)}"
+                    side = {"Description": f"Counterfactual: y_sem moved by {a:+g} ({unit_text}) along the "
+                                           f"'{probe.target}' probe direction; x_T of the session kept.",
+                            "Strength": a, "StrengthUnit": unit_name, "Alpha": alpha, "Probe": str(ppath),
+                            "Target": probe.target, "DDIMSteps": steps,
                             "ProbeScoreOriginal": float(score_orig), "ProbeScoreReconstruction": float(scores[0]),
-                            "ProbeScoreManipulated": float(scores[i]), "SkullStripped": True}
-                    ctx.writer.write_nifti(grid_image(ctx, vols[i]), {**ses.entities, "space": outputs.SPACE,
-                                           "res": ctx.grid.res_label, "desc": desc, "suffix": "T1w"},
-                                           side, sources=[src, ypath, xpath, ppath])
-                    ctx.writer.write_nifti(grid_image(ctx, vols[i] - vols[0]), {
-                        **ses.entities, "space": outputs.SPACE, "res": ctx.grid.res_label, "desc": desc + "diff",
-                        "suffix": "T1w"}, {"Description": f"manipulated ({a:+g}) minus reconstruction (0)",
-                                           "Strength": a, "SkullStripped": True}, sources=[src])
+                            "ProbeScoreManipulated": float(scores[i]),
+                            "ProbeOutputChange": float(change[i]), "SkullStripped": True}
+                    jobs.append((desc, vols[i], side, (src, ypath, xpath, ppath)))
+                    jobs.append((desc + "diff", vols[i] - vols[0], {
+                        "Description": f"manipulated ({a:+g}) minus reconstruction (0)", "Strength": a,
+                        "StrengthUnit": unit_name, "SkullStripped": True}, (src,)))
+                ctx.for_each(lambda job: ctx.writer.write_nifti(grid_image(ctx, job[1]), {
+                    **ses.entities, "space": outputs.SPACE, "res": ctx.grid.res_label, "desc": job[0],
+                    "suffix": "T1w"}, job[2], sources=list(job[3])), jobs)
                 table = pd.DataFrame(rows).sort_values("strength")
                 ordered = table["score_reencoded"].to_numpy()
                 monotonic = bool(np.all(np.diff(ordered) > 0))
                 ctx.writer.write_tsv(table, {**ses.entities, "desc": f"manip{label}", "suffix": "predictions"}, {
                     "Description": "probe score of the re-encoded counterfactuals by strength (0 = reconstruction)",
-                    "Monotonic": monotonic, "score_reencoded": {
-                        "Description": "regression: predicted value; classification: probability of the class"}},
+                    "Monotonic": monotonic,
+                    "strength": {"Description": f"asked strength ({unit_text})"},
+                    "alpha": {"Description": "the same strength in the method's units (z-scored y_sem x sqrt(d))"},
+                    "score_reencoded": {
+                        "Description": "regression: predicted value; classification: probability of the class"},
+                    "change_reencoded": {
+                        "Description": "probe output (prediction, or log-odds for a class) of the re-encoded image "
+                                       "minus that of the re-encoded reconstruction; with --strength-unit target "
+                                       "compare it with the strength asked"}},
                     sources=[ypath, ppath])
-                order = np.argsort(alphas)
-                fig = image_rows([(f"{probe.target} {alphas[j]:+g}: {scores[j]:.3g}", vols[j]) for j in order],
+                order = np.argsort(strengths)
+                fig = image_rows([(f"{probe.target} {strengths[j]:+g}: {scores[j]:.3g}", vols[j]) for j in order],
                                  f"{ses.key}: manipulation along {probe.target} (monotonic: {monotonic})")
                 ctx.writer.write_figure(fig, {**ses.entities, "desc": f"manipulation{label}", "suffix": "T1w"})
 
