@@ -172,14 +172,15 @@ def summarise(values) -> dict:
             "median": float(np.median(v)), "min": float(v.min()), "max": float(v.max())}
 
 
-def machine() -> dict:
+def machine(device: str = "auto") -> dict:
+    """One description of the machine for all benchmarks (the GPU only when ``device`` may use it)."""
     import torch
 
-    from bench_preprocess import cpu_name  # one description of the machine for all benchmarks
+    from bench_preprocess import cpu_name
 
-    return {"cpu": cpu_name(), "logical_cpus": os.cpu_count(), "gpu": torch.cuda.get_device_name(0)
-            if torch.cuda.is_available() else None, "python": platform.python_version(), "torch": torch.__version__,
-            "platform": platform.platform()}
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() and device != "cpu" else None
+    return {"cpu": cpu_name(), "logical_cpus": os.cpu_count(), "gpu": gpu, "python": platform.python_version(),
+            "torch": torch.__version__, "platform": platform.platform()}
 
 
 def bundle_info(path: Path) -> dict:

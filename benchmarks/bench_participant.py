@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import subprocess
 import sys
@@ -42,7 +41,7 @@ if str(REPO / "benchmarks") not in sys.path:
     sys.path.insert(0, str(REPO / "benchmarks"))
 
 
-from bench_analyses import App, BenchError, bundle_info, summarise  # noqa: E402  (the same app driver and summaries)
+from bench_analyses import App, BenchError, bundle_info, machine, summarise  # noqa: E402  (the same app driver and summaries)
 
 
 def read_usage(out: Path, before: set[Path]) -> list[dict]:
@@ -86,16 +85,6 @@ def per_stage(rows: list[dict]) -> dict[str, dict]:
         s["seconds_per_subject"] = summarise(s.pop("per_subject"))
         s["subjects_per_hour"] = 3600 * s["n_subjects"] / s["seconds"] if s["seconds"] > 0 else None
     return out
-
-
-def machine(device: str) -> dict:
-    import torch
-
-    from bench_preprocess import cpu_name
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() and device != "cpu" else None
-    return {"cpu": cpu_name(), "logical_cpus": __import__("os").cpu_count(), "gpu": gpu,
-            "torch": torch.__version__, "python": platform.python_version()}
 
 
 def run(args) -> dict:

@@ -38,22 +38,50 @@ def qc_overlay(image: np.ndarray, mask: np.ndarray, template_mask: np.ndarray | 
     return fig
 
 
+def _mosaic_row(vol: np.ndarray, gap: int) -> np.ndarray:
+    """The three orthogonal slices of ``vol`` side by side, vertically centred, NaN between and around them."""
+    planes = [_take(vol, axis, idx) for axis, idx in _slices(vol.shape)]
+    height = max(p.shape[0] for p in planes)
+    out = []
+    for i, p in enumerate(planes):
+        top = (height - p.shape[0]) // 2
+        out.append(np.pad(p, ((top, height - p.shape[0] - top), (0, gap if i < len(planes) - 1 else 0)),
+                          constant_values=np.nan))
+    return np.concatenate(out, axis=1)
+
+
 def image_rows(rows: list[tuple[str, np.ndarray]], title: str, diff_of: tuple[int, int] | None = None):
-    """A grid of images (one row per image, three orthogonal slices), optional |difference| row."""
+    """A grid of images (one row per image, three orthogonal slices), optional |difference| row.
+
+    The grid is one RGB mosaic drawn by a single ``imshow`` (gray rows on 0..1, the difference row in magma
+    scaled to its maximum), with the row labels as text: one embedded image per figure instead of one per
+    panel, which is what the SVG writer spends its time on (``benchmarks/bench_host_io.py``).
+    """
+    from matplotlib import colormaps
+
     items = list(rows)
     if diff_of is not None:
         a, b = diff_of
         items.append((f"|{items[a][0]} - {items[b][0]}|", np.abs(items[a][1] - items[b][1])))
-    fig = _figure(figsize=(7.5, 2.4 * len(items)))
-    axes = fig.subplots(len(items), 3, squeeze=False)
-    for r, (label, vol) in enumerate(items):
-        is_diff = diff_of is not None and r == len(items) - 1
-        for c, (axis, idx) in enumerate(_slices(vol.shape)):
-            ax = axes[r, c]
-            ax.imshow(_take(vol, axis, idx), cmap="magma" if is_diff else "gray", vmin=0,
-                      vmax=(max(float(vol.max()), 1e-6) if is_diff else 1))
-            ax.set_axis_off()
-        axes[r, 0].set_title(label, fontsize=9, loc="left")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    gap, band = 4, 10  # mosaic pixels between panels, and of the label band above each row
+    strips = []
+    for r, (_, vol) in enumerate(items):
+        vol = np.asarray(vol, dtype=np.float32)
+        row = _mosaic_row(vol, gap)
+        if diff_of is not None and r == len(items) - 1:
+            rgb = colormaps["magma"](np.clip(row / max(float(np.nanmax(row)), 1e-6), 0, 1))[..., :3]
+        else:
+            rgb = np.repeat(np.clip(row, 0, 1)[..., None], 3, axis=2)
+        rgb[np.isnan(row)] = 1.0  # white between the panels
+        strips.append(np.pad(rgb, ((band, 0), (0, 0), (0, 0)), constant_values=1.0))
+    mosaic = np.concatenate(strips, axis=0)
+    h, w = mosaic.shape[:2]
+    width_in = 7.5
+    fig = _figure(figsize=(width_in, width_in * (h + band) / w))
+    ax = fig.add_axes((0, 0, 1, h / (h + band)))
+    ax.imshow(mosaic, interpolation="nearest", aspect="equal")
+    ax.set_axis_off()
+    for r, (label, _) in enumerate(items):
+        ax.text(0, r * (h / len(items)) + band - 2, label, fontsize=9, va="bottom", ha="left")
+    fig.suptitle(title, fontsize=10, y=1 - 0.5 * band / (h + band), va="center")
     return fig
