@@ -525,8 +525,9 @@ def run_manipulate_years(args, app: App, out: Path, chosen: list[str], probe: Pa
             by_change.setdefault(c, []).append(v)
         asked = np.array([c for c in got if c != 0.0])
         realised = np.array([got[c] for c in asked])
+        big = t["strength"].abs().idxmax()  # the largest change asked (never the reconstruction's 0)
         subjects.append({"subject": sub, "monotonic": monotonic, "change_reencoded": {f"{c:g}": v for c, v in got.items()},
-                         "alpha_per_year": float(t["alpha"].iloc[-1] / t["strength"].iloc[-1]),
+                         "alpha_per_year": float(t["alpha"][big] / t["strength"][big]),
                          "gain": float(asked @ realised / (asked @ asked))})  # least squares through 0
     ok = [s for s in subjects if "error" not in s]
     return {"changes": [0.0, *args.changes], "subjects": subjects, "n_subjects": len(ok),

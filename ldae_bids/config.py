@@ -60,8 +60,8 @@ class Settings:
     targets: tuple[str, ...] = ()
     baseline_features: Path | None = None
     probe: tuple[Path, ...] = ()
-    # the shipped model moves the re-encoded age monotonically for 8/8 subjects over -1..1 (4/8 over -2..2, where
-    # it saturates at the ends of the training ages), about 16 years per unit strength
+    # the shipped model moves the re-encoded age monotonically for 8/8 subjects over -1..1 (5/8 over -2..2, where
+    # it saturates at the ends of the training ages), about 14 years per unit strength
     # (benchmarks/results/analyses.md): +-1 already spans most of the adult age range
     strengths: tuple[float, ...] = (-1.0, -0.5, 0.5, 1.0)
     # "alpha": the method's z-scored units x sqrt(d); "target": the change of the probe's prediction, in the
@@ -162,12 +162,19 @@ def build_settings(**kwargs: Any) -> Settings:
     for name in ("strengths", "fill_months"):
         if name in kw:
             kw[name] = tuple(float(v) for v in kw[name])
-    for alpha in kw.get("strengths", ()):
-        if not math.isfinite(alpha) or abs(alpha) > 100 or round(alpha, 2) != alpha:
-            raise UsageError(f"--strengths {alpha:g}: expected a number between -100 and 100 with at most two "
-                             "decimals (it names the output files)")
     if kw.get("strength_unit", "alpha") not in STRENGTH_UNITS:
         raise UsageError(f"--strength-unit {kw['strength_unit']!r}: expected one of {', '.join(STRENGTH_UNITS)}")
+    target_unit = kw.get("strength_unit") == "target"
+    if target_unit and "strengths" not in kw:
+        # the default strengths are alpha values (+-1 spans most of the adult age range): as years they would be
+        # +-1 year, an invisible change
+        raise UsageError("--strength-unit target needs --strengths in the probe's own units (e.g. --strengths "
+                         "-10 10 for ten years younger / older with an age probe)")
+    bound = 1e6 if target_unit else 100  # target units can be large (e.g. millilitres)
+    for alpha in kw.get("strengths", ()):
+        if not math.isfinite(alpha) or abs(alpha) > bound or round(alpha, 2) != alpha:
+            raise UsageError(f"--strengths {alpha:g}: expected a number between {-bound:g} and {bound:g} with at "
+                             "most two decimals (it names the output files)")
     if "participant_label" in kw:
         kw["participant_label"] = tuple(_strip_prefix(v, "sub-") for v in kw["participant_label"])
     if "session_label" in kw:

@@ -46,7 +46,9 @@ def test_version_through_the_real_entry_point():
                                   ["/d", "/o", "participant", "--strengths", "0.125"],
                                   ["/d", "/o", "participant", "--strengths", "1e3"],
                                   ["/d", "/o", "participant", "--mem", "lots"],
-                                  ["/d", "/o", "participant", "--strength-unit", "years"]])
+                                  ["/d", "/o", "participant", "--strength-unit", "years"],
+                                  ["/d", "/o", "participant", "--strength-unit", "target"],  # needs --strengths
+                                  ["/d", "/o", "participant", "--strength-unit", "target", "--strengths", "1e7"]])
 def test_usage_errors_exit_64(args, capsys):
     assert run(*args) == 64
     assert "error" in capsys.readouterr().err

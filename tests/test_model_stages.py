@@ -147,7 +147,14 @@ def test_manipulate_and_fill_missing(prepared, tmp_path):
     assert not list(anat.glob("*manipAgePlus2*"))  # the alpha-unit files of the previous run are gone
     table = pd.read_csv(anat / "sub-02_desc-manipAge_predictions.tsv", sep="\t")
     assert list(table["strength"]) == [0.0, 5.0] and set(table["strength_unit"]) == {"target"}
-    assert table["change_reencoded"].iloc[0] == 0.0 and np.isfinite(table["change_reencoded"].iloc[1])
+    # a regression probe's output is its prediction: the change is the counterfactual's minus the reconstruction's
+    assert table["change_reencoded"].iloc[1] == pytest.approx(
+        table["score_reencoded"].iloc[1] - table["score_reencoded"].iloc[0])
+    # two probes whose targets name the same files: refused before anything runs
+    twin = shutil.copy(probe, tmp_path / "age_probe_copy.json")
+    assert _run(bids, out, bundle, "--stages", "manipulate", "--probe", probe, "--probe", twin,
+                "--strength-unit", "target", "--strengths", "5") == 64
+    assert older.is_file()
     exe = shutil.which("bids-validator-deno") or shutil.which("bids-validator")
     if exe:
         proc = subprocess.run([exe, "--format", "json", str(out)], capture_output=True, text=True,

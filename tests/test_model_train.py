@@ -155,6 +155,7 @@ def test_init_from_bundle_fine_tunes(synth, tmp_path):
     assert split["validation"] == old.metadata["training"]["split"]["validation"]
     assert new.metadata["training"]["init_from"]["content_hash"] == old.content_hash
     assert new.metadata["training"]["init_from"]["carried"] == ["autoencoder", "semantic_encoder", "denoiser"]
+    assert new.metadata["training"]["init_from"]["decoder_steps"] == old.metadata["training"]["decoder_steps"]
     assert f"started from: {old.name} (content hash {old.content_hash[:16]}" in (second / "bundle" / "README.md").read_text()
 
     # resumed without --init-from (more stage-2 steps): the checkpointed starting autoencoder is kept, not a

@@ -233,3 +233,13 @@ def test_a_batch_over_mem_lowers_the_batch_size_and_one_subject_over_it_warns_on
     runner.run_participant(subjects(tmp_path / "c", 3))
     assert stage.calls == [("01",), ("02",), ("03",)]
     assert caplog.text.count("with one subject per batch") == 1
+
+
+def test_target_unit_strengths_take_large_values_and_name_files_without_exponents(tmp_path):
+    from ldae_bids.stages.manipulate import strength_label
+
+    s = build_settings(bids_dir=tmp_path, output_dir=tmp_path / "o", analysis_level="participant",
+                       strength_unit="target", strengths=[-150, 0.25, 1e6])
+    assert s.strengths == (-150.0, 0.25, 1e6)
+    assert [strength_label(a) for a in s.strengths] == ["Minus150", "Plus0p25", "Plus1000000"]
+    assert strength_label(-0.5) == "Minus0p5" and strength_label(2.0) == "Plus2"

@@ -113,11 +113,12 @@ def run(
         "--probe", help="Saved probe(s) to manipulate along (default: group/*_probe.json).",
         rich_help_panel=MODEL)] = None,
     strengths: Annotated[Optional[list[float]], typer.Option(
-        "--strengths", help="Manipulation strengths (default -1 -0.5 0.5 1, in --strength-unit).",
+        "--strengths", help="Manipulation strengths, in --strength-unit, for every probe (default -1 -0.5 0.5 1 "
+        "with alpha; required with target).",
         rich_help_panel=MODEL)] = None,
     strength_unit: Annotated[Optional[str], typer.Option(
         help="Units of --strengths: alpha (the method's: z-scored y_sem units x sqrt(d)) or target (the change of "
-             "the probe's prediction: e.g. years for age, log-odds for a class).", rich_help_panel=MODEL)] = None,
+             "the probe's prediction: e.g. years for age, log-odds for a two-class probe).", rich_help_panel=MODEL)] = None,
     fill_months: Annotated[Optional[list[float]], typer.Option(
         "--fill-months", help="Times (months from the first session) of visits to synthesise.",
         rich_help_panel=MODEL)] = None,

@@ -105,7 +105,8 @@ def _readme(name: str, config: ModelConfig, metadata: dict, digest: str) -> str:
         + (f", decoder refinement {train['decoder_steps']}" if train.get("decoder_steps") else "")
         + (" (this run)" if train.get("init_from") else ""),
         *([f"- started from: {init.get('name')} (content hash {str(init.get('content_hash'))[:16]}..., autoencoder "
-           f"{init.get('ae_steps')} / LDAE {init.get('ldae_steps')} steps); carried: "
+           f"{init.get('ae_steps')} / LDAE {init.get('ldae_steps')}"
+           + (f" / decoder refinement {init['decoder_steps']}" if init.get("decoder_steps") else "") + " steps); carried: "
            f"{', '.join(init.get('carried') or ['all networks'])}"] if (init := train.get("init_from")) else []),
         f"- licence: {metadata.get('licence', 'n/a')} (see LICENSE)",
         f"- content hash (sha256 over config, weights, metadata): {digest}", "",

@@ -112,7 +112,7 @@ def _init_record(path, model_cfg) -> dict | None:
     carried = carried_networks(theirs, model_cfg)
     return {"name": config.get("name", Path(path).name), "content_hash": verify_bundle(Path(path)),
             "ae_steps": meta.get("ae_steps"), "ldae_steps": meta.get("ldae_steps"),
-            "init_from": meta.get("init_from"), "carried": carried}
+            "decoder_steps": meta.get("decoder_steps", 0), "init_from": meta.get("init_from"), "carried": carried}
 
 
 def _version(dist_name: str) -> str:

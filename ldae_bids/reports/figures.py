@@ -54,8 +54,9 @@ def image_rows(rows: list[tuple[str, np.ndarray]], title: str, diff_of: tuple[in
     """A grid of images (one row per image, three orthogonal slices), optional |difference| row.
 
     The grid is one RGB mosaic drawn by a single ``imshow`` (gray rows on 0..1, the difference row in magma
-    scaled to its maximum), with the row labels as text: one embedded image per figure instead of one per
-    panel, which is what the SVG writer spends its time on (``benchmarks/bench_host_io.py``).
+    scaled to the maximum of the three slices shown), with the row labels as text: one embedded image per figure
+    instead of one per panel, which is what the SVG writer spends its time on (``benchmarks/bench_host_io.py``).
+    Every image must have the same shape (one grid per figure).
     """
     from matplotlib import colormaps
 
@@ -63,11 +64,16 @@ def image_rows(rows: list[tuple[str, np.ndarray]], title: str, diff_of: tuple[in
     if diff_of is not None:
         a, b = diff_of
         items.append((f"|{items[a][0]} - {items[b][0]}|", np.abs(items[a][1] - items[b][1])))
-    gap, band = 4, 10  # mosaic pixels between panels, and of the label band above each row
+    shapes = {np.shape(vol) for _, vol in items}
+    if len(shapes) != 1:
+        raise ValueError(f"image_rows: the images have different shapes {sorted(shapes)}")
+    gap = 4  # mosaic pixels between panels
+    rows_px = [_mosaic_row(np.asarray(vol, dtype=np.float32), gap) for _, vol in items]
+    # the label band above each row grows with the grid, so that the labels keep their size in points at any
+    # grid (the paper grid 128x160x128 as well as the compact one)
+    band = max(10, int(np.ceil(0.038 * rows_px[0].shape[1])))
     strips = []
-    for r, (_, vol) in enumerate(items):
-        vol = np.asarray(vol, dtype=np.float32)
-        row = _mosaic_row(vol, gap)
+    for r, row in enumerate(rows_px):
         if diff_of is not None and r == len(items) - 1:
             rgb = colormaps["magma"](np.clip(row / max(float(np.nanmax(row)), 1e-6), 0, 1))[..., :3]
         else:

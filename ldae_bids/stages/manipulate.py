@@ -2,9 +2,11 @@
 
 For each saved probe and each strength alpha: ``y' = unscale(z(y) + alpha * sqrt(d) * w/|w|)``, decoded with
 the session's own x_T. With ``--strength-unit target`` a strength is the change of the probe's prediction asked
-for (``+10`` = ten years older for an age probe; log-odds for a class), turned into
-``alpha = change / (sqrt(d) |w|)``; files are then named ``desc-manip<Target>DeltaPlus10``. The result is re-encoded and the probe applied again, so the sidecar shows whether
-the attribute moved as asked (monotonically with alpha).
+for (``+10`` = ten years older for an age probe; log-odds for a two-class probe, the class's logit minus the
+mean logit with more classes), turned into ``alpha = change / (sqrt(d) |w|)``; files are then named
+``desc-manip<Target>DeltaPlus10``. The result is re-encoded and the probe applied again, so the sidecar shows
+whether the attribute moved as asked (monotonically with the strength; ``change_reencoded`` is the change the
+re-encoded image shows, to compare with the change asked).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 
 from ldae_bids.bids import outputs
 from ldae_bids.bids.discover import SubjectInput
-from ldae_bids.errors import MissingInputError
+from ldae_bids.errors import MissingInputError, UsageError
 from ldae_bids.plugins.api import Level, Stage, StageContext
 from ldae_bids.stages._io import grid_image, load_preproc, load_xt, load_ysem
 
@@ -24,7 +26,21 @@ from ldae_bids.stages._io import grid_image, load_preproc, load_xt, load_ysem
 def strength_label(alpha: float) -> str:
     """``1.0`` -> ``Plus1``, ``-0.5`` -> ``Minus0p5``, ``2.25`` -> ``Plus2p25`` ('p' is the decimal point:
     BIDS labels are alphanumeric). Strengths have at most two decimals (checked by the settings)."""
-    return ("Plus" if alpha >= 0 else "Minus") + f"{abs(alpha):g}".replace(".", "p")
+    digits = f"{abs(alpha):.2f}".rstrip("0").rstrip(".")  # fixed point: never an exponent ('1e+06')
+    return ("Plus" if alpha >= 0 else "Minus") + digits.replace(".", "p")
+
+
+def target_name(target: str) -> str:
+    """The probe's target in file names: ``age`` -> ``Age`` (``desc-manipAgePlus1``)."""
+    label = "".join(ch for ch in target if ch.isalnum())
+    return label[:1].upper() + label[1:]
+
+
+def output_name(probe) -> str:
+    """What the probe's output is: the value predicted, or the log-odds of the class."""
+    if probe.kind == "regression":
+        return "prediction"
+    return "log-odds" if len(probe.classes) == 2 else "logit minus the mean logit"
 
 
 def probe_paths(settings) -> list[Path]:
@@ -49,7 +65,15 @@ class ManipulateStage(Stage):
     def parameters(self, settings) -> dict[str, Any]:
         from ldae_bids.state import digest
 
+        from ldae_bids.analysis.probe import load_probe
+
         paths = probe_paths(settings)
+        named: dict[str, Path] = {}
+        for p in paths:  # two probes whose targets name the same files would overwrite each other's outputs
+            other = named.setdefault(target_name(load_probe(p).target).lower(), p)
+            if other != p:
+                raise UsageError(f"{p}: its target names the same manipulate outputs as {other}'s "
+                                 f"(desc-manip{target_name(load_probe(p).target)}...): give one of them (--probe)")
         return {"strengths": list(settings.strengths), "strength_unit": settings.strength_unit, "ddim_steps": settings.ddim_steps,
                 "probes": {str(p): digest(p) for p in paths},
                 "class": settings.stage_option(self.name, "class")}
@@ -87,10 +111,9 @@ class ManipulateStage(Stage):
                 score_orig = _score(probe, y[None], cls)[0]
                 scores = _score(probe, reenc, cls)
                 change = probe.output(reenc, cls) - probe.output(reenc[:1], cls)[0]
-                label = "".join(ch for ch in probe.target if ch.isalnum())
-                label = label[:1].upper() + label[1:]
+                label = target_name(probe.target)
                 vols = images[:, 0].cpu().numpy()
-                unit_text = (f"change of the '{probe.target}' probe's {'prediction' if probe.kind == 'regression' else 'log-odds'}"
+                unit_text = (f"change of the '{probe.target}' probe's {output_name(probe)}"
                              if unit_name == "target" else "z-scored units x sqrt(d)")
                 rows, jobs = [], []
                 for i, (a, alpha) in enumerate(zip(strengths, alphas)):
@@ -125,12 +148,14 @@ class ManipulateStage(Stage):
                     "score_reencoded": {
                         "Description": "regression: predicted value; classification: probability of the class"},
                     "change_reencoded": {
-                        "Description": "probe output (prediction, or log-odds for a class) of the re-encoded image "
+                        "Description": f"probe output ({output_name(probe)}) of the re-encoded image "
                                        "minus that of the re-encoded reconstruction; with --strength-unit target "
                                        "compare it with the strength asked"}},
                     sources=[ypath, ppath])
                 order = np.argsort(strengths)
-                fig = image_rows([(f"{probe.target} {strengths[j]:+g}: {scores[j]:.3g}", vols[j]) for j in order],
+                what = "asked change" if unit_name == "target" else "alpha"
+                score_name = "predicted" if probe.kind == "regression" else "p"
+                fig = image_rows([(f"{what} {strengths[j]:+g}: {score_name} {scores[j]:.3g}", vols[j]) for j in order],
                                  f"{ses.key}: manipulation along {probe.target} (monotonic: {monotonic})")
                 ctx.writer.write_figure(fig, {**ses.entities, "desc": f"manipulation{label}", "suffix": "T1w"})
 
