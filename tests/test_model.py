@@ -286,7 +286,7 @@ def test_ssim_as_a_loss_is_the_reported_ssim_and_has_gradients():
     x = b.clone().requires_grad_(True)
     loss = 1.0 - ssim_map_tensor(x, a).mean()
     loss.backward()
-    assert float(loss) == pytest.approx(1.0 - ssim(b, a), abs=1e-6)
+    assert loss.item() == pytest.approx(1.0 - ssim(b, a), abs=1e-6)
     assert x.grad is not None and float(x.grad.abs().sum()) > 0
     with torch.no_grad():  # a step against the gradient raises the reported SSIM
         stepped = (x - 0.5 * x.grad / x.grad.abs().max()).clamp(0, 1)

@@ -49,7 +49,11 @@ def plot_losses(output: Path, target: Path) -> Path:
         if pts:
             axes[2].plot(*zip(*pts), marker="o", label=label)
     axes[2].set(title="validation SSIM (whole volume)", xlabel="step of its stage")
-    axes[2].legend(fontsize=8)
+    if axes[2].lines:
+        axes[2].legend(fontsize=8)
+    else:
+        axes[2].text(0.5, 0.5, "no validation logged yet", ha="center", va="center", transform=axes[2].transAxes,
+                     fontsize=9)
     pts = [(r["step"], r["val_ysem_gain"]) for r in recs if r.get("stage") == "ldae" and "val_ysem_gain" in r]
     if pts:
         axes[3].plot(*zip(*pts), marker="o", color="C3")
