@@ -101,6 +101,16 @@ def test_probe_on_noise_is_not_better_than_chance(cohort, tmp_path):
     assert auc.ci_low < 0.5 < auc.ci_high or auc.value < 0.75
 
 
+def test_targets_naming_the_same_files_are_refused(bids_factory, tmp_path, capsys):
+    meta = {f"{i:02d}": {"age": 20.0 + i, "age_": 30.0 + i} for i in range(12)}
+    bids = bids_factory({k: None for k in meta}, participants=meta)
+    out = tmp_path / "out"
+    _plant(bids, out, 12, signal=False)
+    assert main([str(bids), str(out), "group", "--targets", "age", "age_", "-w", str(tmp_path / "w")]) == 64
+    assert "'age' and 'age_'" in capsys.readouterr().err
+    assert not list((out / "group").glob("target-*_probe.json"))
+
+
 def test_custom_plugin_probe_reuses_embeddings(cohort, tmp_path):
     out = tmp_path / "out"
     _plant(cohort, out, 40)

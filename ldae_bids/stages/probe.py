@@ -78,6 +78,12 @@ class ProbeStage(Stage):
             and _usable(align_targets(targets_table, keys, c))]
         if not targets:
             raise UsageError("no probe target: give --targets COLUMN ... (participants.tsv/sessions.tsv columns)")
+        named: dict[str, str] = {}
+        for column in targets:  # two columns whose labels name the same files would overwrite each other's probe
+            other = named.setdefault(target_label(column).lower(), column)
+            if other != column:
+                raise UsageError(f"targets {other!r} and {column!r} name the same output files "
+                                 f"(target-{target_label(column)}): give one of them (--targets)")
         base = None
         if ctx.settings.baseline_features:
             base, names = read_feature_table(ctx.settings.baseline_features, keys)
