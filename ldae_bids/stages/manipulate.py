@@ -21,6 +21,7 @@ from ldae_bids.bids.discover import SubjectInput
 from ldae_bids.errors import MissingInputError, UsageError
 from ldae_bids.plugins.api import Level, Stage, StageContext
 from ldae_bids.stages._io import grid_image, load_preproc, load_xt, load_ysem
+from ldae_bids.stages.probe import first_clash, target_label
 
 
 def strength_label(alpha: float) -> str:
@@ -31,8 +32,8 @@ def strength_label(alpha: float) -> str:
 
 
 def target_name(target: str) -> str:
-    """The probe's target in file names: ``age`` -> ``Age`` (``desc-manipAgePlus1``)."""
-    label = "".join(ch for ch in target if ch.isalnum())
+    """The probe's target in file names: the probe stage's label, capitalised (``age`` -> ``desc-manipAgePlus1``)."""
+    label = target_label(target)
     return label[:1].upper() + label[1:]
 
 
@@ -63,17 +64,14 @@ class ManipulateStage(Stage):
     default = False
 
     def parameters(self, settings) -> dict[str, Any]:
+        from ldae_bids.analysis.probe import load_probe
         from ldae_bids.state import digest
 
-        from ldae_bids.analysis.probe import load_probe
-
         paths = probe_paths(settings)
-        named: dict[str, Path] = {}
-        for p in paths:  # two probes whose targets name the same files would overwrite each other's outputs
-            other = named.setdefault(target_name(load_probe(p).target).lower(), p)
-            if other != p:
-                raise UsageError(f"{p}: its target names the same manipulate outputs as {other}'s "
-                                 f"(desc-manip{target_name(load_probe(p).target)}...): give one of them (--probe)")
+        targets = {p: load_probe(p).target for p in paths}
+        if clash := first_clash(paths, lambda p: target_label(targets[p])):
+            raise UsageError(f"{clash[1]}: its target names the same manipulate outputs as {clash[0]}'s "
+                             f"(desc-manip{target_name(targets[clash[1]])}...): give one of them (--probe)")
         return {"strengths": list(settings.strengths), "strength_unit": settings.strength_unit, "ddim_steps": settings.ddim_steps,
                 "probes": {str(p): digest(p) for p in paths},
                 "class": settings.stage_option(self.name, "class")}

@@ -21,6 +21,17 @@ def target_label(column: str) -> str:
     return label
 
 
+def first_clash(items, label_of):
+    """The first two items whose labels are equal ignoring case (their files would overwrite each other, on
+    case-insensitive file systems too), or None. An item given twice is not a clash."""
+    seen = {}
+    for item in items:
+        other = seen.setdefault(label_of(item).lower(), item)
+        if other != item:
+            return other, item
+    return None
+
+
 class ProbeStage(Stage):
     name = "probe"
     level = Level.GROUP
@@ -78,12 +89,9 @@ class ProbeStage(Stage):
             and _usable(align_targets(targets_table, keys, c))]
         if not targets:
             raise UsageError("no probe target: give --targets COLUMN ... (participants.tsv/sessions.tsv columns)")
-        named: dict[str, str] = {}
-        for column in targets:  # two columns whose labels name the same files would overwrite each other's probe
-            other = named.setdefault(target_label(column).lower(), column)
-            if other != column:
-                raise UsageError(f"targets {other!r} and {column!r} name the same output files "
-                                 f"(target-{target_label(column)}): give one of them (--targets)")
+        if clash := first_clash(targets, target_label):
+            raise UsageError(f"targets {clash[0]!r} and {clash[1]!r} name the same output files "
+                             f"(target-{target_label(clash[1])}): give one of them (--targets)")
         base = None
         if ctx.settings.baseline_features:
             base, names = read_feature_table(ctx.settings.baseline_features, keys)
