@@ -130,6 +130,7 @@ class Runner:
         self.writer = DerivativesWriter(settings.output_dir, settings.bids_dir)
         self.stamps = StampStore(settings.output_dir)
         self.dist_of = dist_of or {}
+        self._checked: set[str] = set()  # stages whose preflight passed
         self.usage = UsageLog(settings.output_dir / "logs" / f"resources-{settings.run_id}.tsv")
 
     # ------------------------------------------------------------------- keys
@@ -245,6 +246,8 @@ class Runner:
                 results[s.label].skipped.append(stage.name)
             else:
                 todo.append((s, key))
+        if todo:
+            self._preflight(stage)
         failed: set[str] = set()
         while todo:
             if stage.batchable and len(todo) > 1 and self.batch_limit > 1:
@@ -262,6 +265,13 @@ class Runner:
                 if not self._run_single(stage, s, key, results):
                     failed.add(s.label)
         return [s for s in subjects if s.label not in failed]
+
+    def _preflight(self, stage: Stage) -> None:
+        """The stage's run-wide check, once per run; its LdaeError stops the run (one message, its exit code)."""
+        if stage.name in self._checked:
+            return
+        stage.preflight(self._context(stage))
+        self._checked.add(stage.name)
 
     def _run_batch(self, stage: Stage, chunk: list[tuple[SubjectInput, str]],
                    results: dict[str, UnitResult]) -> str:
@@ -348,6 +358,7 @@ class Runner:
             self.stamps.remove("group", stage.name)
             try:
                 with self.usage.measure(stage.name, ["group"]):
+                    stage.preflight(ctx)
                     stage.run(ctx, group)
             except Exception as exc:
                 ctx.writer.remove_written()

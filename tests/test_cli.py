@@ -96,6 +96,21 @@ def test_unwritable_output_exits_73(bids_factory, tmp_path, capsys):
     assert "cannot create output" in capsys.readouterr().err
 
 
+def test_missing_template_stops_the_run_once_with_66(bids_factory, tmp_path, monkeypatch, capsys):
+    bids = bids_factory({"01": None, "02": None})
+    empty = tmp_path / "tf-empty"
+    empty.mkdir()
+    monkeypatch.setenv("TEMPLATEFLOW_HOME", str(empty))
+    monkeypatch.setenv("LDAE_TEMPLATEFLOW_OFFLINE", "1")
+    out = tmp_path / "out"
+    assert run(bids, out, "participant", "--stages", "preprocess", "--skip-bids-validation",
+               "-w", tmp_path / "work") == 66
+    err = capsys.readouterr().err
+    assert "tpl-MNI152NLin2009cAsym_res-02_T1w.nii.gz not found" in err and str(empty) in err
+    # one message for the run: no crash file per subject, nothing half-written
+    assert not list(out.glob("logs/crash-*")) and not list(out.glob("sub-*"))
+
+
 def test_bad_filter_file_exits_64(bids_factory, tmp_path):
     bids = bids_factory({"01": None})
     bad = tmp_path / "f.json"

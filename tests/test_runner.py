@@ -243,3 +243,40 @@ def test_target_unit_strengths_take_large_values_and_name_files_without_exponent
     assert s.strengths == (-150.0, 0.25, 1e6)
     assert [strength_label(a) for a in s.strengths] == ["Minus150", "Plus0p25", "Plus1000000"]
     assert strength_label(-0.5) == "Minus0p5" and strength_label(2.0) == "Plus2"
+
+
+def test_preflight_runs_once_before_the_first_unit_and_not_when_all_are_done(tmp_path):
+    from ldae_bids.errors import MissingInputError
+
+    checks = []
+
+    class Checked(Recorder):
+        def preflight(self, ctx):
+            checks.append(ctx.stage.name)
+            if self.missing:
+                raise MissingInputError("template file T.nii.gz not found")
+
+    stage = type("Rec", (Checked,), {"calls": [], "missing": False})
+    runner = make_runner(tmp_path, stage, batch_size=2)
+    assert [r.status for r in runner.run_participant(subjects(tmp_path, 5))] == ["done"] * 5
+    assert checks == ["rec"]  # once, not per batch (three batches ran)
+    # a second run with everything done checks nothing, so a run-wide problem cannot block a finished run
+    stage.missing = True
+    again = make_runner(tmp_path, stage, batch_size=2)
+    assert [r.skipped for r in again.run_participant(subjects_again(tmp_path, 5))] == [["rec"]] * 5
+    assert checks == ["rec"]
+    # with work to do, the failure stops the run before any subject (no per-subject crash files)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    runner = make_runner(fresh, stage, batch_size=2)
+    with pytest.raises(MissingInputError, match="T.nii.gz"):
+        runner.run_participant(subjects(fresh, 3))
+    assert stage.calls == [("01", "02"), ("03", "04"), ("05",)]
+    assert not list((fresh / "out").glob("logs/crash-*"))
+
+
+def subjects_again(tmp_path: Path, n: int) -> list[SubjectInput]:
+    """The subjects made by :func:`subjects`, without recreating their files."""
+    return [SubjectInput(f"{i:02d}", (SessionInput(f"{i:02d}", None, tmp_path / "bids" / f"sub-{i:02d}" / "anat"
+                                                   / f"sub-{i:02d}_T1w.nii.gz", {"subject": f"{i:02d}"}),))
+            for i in range(1, n + 1)]

@@ -135,6 +135,13 @@ class Stage:
         """Settings that change this stage's outputs (enter the resume key and sidecars)."""
         return {}
 
+    def preflight(self, ctx: StageContext) -> None:
+        """Check what the whole run needs (a template, a probe file), once, before the first unit to do.
+
+        Raise an :class:`~ldae_bids.errors.LdaeError` to stop the run with its exit code and one
+        message, instead of one crash file per subject. Not called when every unit is already done.
+        """
+
     def run(self, ctx: StageContext, unit: "SubjectInput | GroupInput") -> None:
         """Process one subject (participant level) or the group (group level)."""
         raise NotImplementedError

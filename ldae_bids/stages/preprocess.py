@@ -23,6 +23,13 @@ class PreprocessStage(Stage):
     def parameters(self, settings) -> dict[str, Any]:
         return {"derivatives": [str(p) for p in settings.derivatives]}
 
+    def preflight(self, ctx: StageContext) -> None:
+        """The template is needed by every subject: a missing one stops the run once (exit 66)."""
+        if not ctx.settings.derivatives:
+            from ldae_bids.preprocessing import load_template
+
+            load_template(ctx.grid.template)
+
     def run(self, ctx: StageContext, unit: SubjectInput) -> None:
         self.run_batch(ctx, [unit])
 
