@@ -46,6 +46,9 @@ class Settings:
     skip_bids_validation: bool = False
     t1w_policy: str = "first"
     device: str = "auto"
+    # "auto": bf16 autocast on CUDA and on CPUs with native bf16 (twice as fast, SSIM within 0.002 and the
+    # same probe metrics: benchmarks/results/precision.md), fp32 elsewhere
+    precision: str = "auto"
     nprocs: int | None = None
     omp_nthreads: int | None = None
     batch_size: int | None = None
@@ -186,6 +189,8 @@ def build_settings(**kwargs: Any) -> Settings:
         raise UsageError(f"--t1w-policy must be one of {', '.join(T1W_POLICIES)}")
     if kw.get("device", "auto") not in ("auto", "cpu", "cuda") and not str(kw["device"]).startswith("cuda:"):
         raise UsageError("--device must be auto, cpu, cuda or cuda:N")
+    if kw.get("precision", "auto") not in ("auto", "fp32", "bf16"):
+        raise UsageError("--precision must be auto, fp32 or bf16")
     if "mem" in kw:  # --mem text (16GB, 16000MB); a config file stores mem_mb
         from ldae_bids.memory import parse_memory
 

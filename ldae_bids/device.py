@@ -59,12 +59,35 @@ def describe(device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
-def autocast(device):
-    """bf16 autocast on CUDA, nothing on the CPU (fp32 is faster and exact there)."""
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 convolutions natively (AVX512-BF16 or AMX), through oneDNN."""
     import torch
 
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # private probe: absent in some builds
+        return False
+
+
+def resolve_precision(device, precision: str = "auto") -> str:
+    """``"bf16"`` or ``"fp32"`` for ``device``: ``auto`` is bf16 on CUDA and on CPUs with native bf16
+    (about twice as fast there, ``benchmarks/bench_precision.py``), fp32 elsewhere (emulated bf16 is slow)."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()) else "fp32"
+
+
+def autocast(device, precision: str = "auto"):
+    """bf16 autocast on ``device`` when ``precision`` resolves to bf16, else nothing."""
+    import torch
+
+    if resolve_precision(device, precision) == "bf16" and device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

@@ -142,6 +142,7 @@ class Runner:
         }
         if stage.needs_model:
             payload["model"] = self.resources.model_hash
+            payload["precision"] = self.resources.precision
         if stage.uses_grid:
             payload["grid"] = self.resources.grid.to_dict()
             payload["intensity"] = self.resources.intensity
@@ -349,7 +350,8 @@ class Runner:
             key = make_key({"stage": stage.name, "version": stage.version,
                             "params": stage.parameters(self.settings), "subjects": unit_keys,
                             "requires": {r: self.stamps.key_of("group", r) for r in stage.requires},
-                            "model": self.resources.model_hash if stage.needs_model else None})
+                            "model": self.resources.model_hash if stage.needs_model else None,
+                            "precision": self.resources.precision if stage.needs_model else None})
             if not self.settings.force and self.stamps.is_done("group", stage.name, key):
                 res.skipped.append(stage.name)
                 out.append(res)

@@ -33,6 +33,15 @@ class Resources:
         log.info("device: %s", describe(device))
         return device
 
+    @cached_property
+    def precision(self) -> str:
+        """``bf16`` or ``fp32``: ``--precision`` resolved for the device (see ``resolve_precision``)."""
+        from ldae_bids.device import resolve_precision
+
+        used = resolve_precision(self.device, self.settings.precision)
+        log.info("precision: %s (--precision %s)", used, self.settings.precision)
+        return used
+
     @property
     def model_path(self) -> Path:
         return self.settings.model or default_model_path()
@@ -54,6 +63,7 @@ class Resources:
         from ldae_bids.model.bundle import load_bundle
 
         bundle = load_bundle(self.model_path, device=self.device)
+        bundle.pipeline.precision = self.precision
         log.info("model: %s (content hash %s) from %s", bundle.name, bundle.content_hash[:12], self.model_path)
         return bundle
 
@@ -131,4 +141,5 @@ class Resources:
     def provenance(self, needs_model: bool) -> dict[str, Any]:
         if not needs_model:
             return {}
-        return {"ModelBundle": {"Name": self.model_name, "ContentHash": self.model_hash}}
+        return {"ModelBundle": {"Name": self.model_name, "ContentHash": self.model_hash},
+                "Precision": self.precision}

@@ -46,6 +46,7 @@ def test_version_through_the_real_entry_point():
                                   ["/d", "/o", "participant", "--strengths", "0.125"],
                                   ["/d", "/o", "participant", "--strengths", "1e3"],
                                   ["/d", "/o", "participant", "--mem", "lots"],
+                                  ["/d", "/o", "participant", "--precision", "fp16"],
                                   ["/d", "/o", "participant", "--strength-unit", "years"],
                                   ["/d", "/o", "participant", "--strength-unit", "target"],  # needs --strengths
                                   ["/d", "/o", "participant", "--strength-unit", "target", "--strengths", "1e7"]])

@@ -184,3 +184,42 @@ def test_corrupted_bundle_is_refused(prepared, tmp_path, capsys):
     (bad / "model.safetensors").write_bytes(bytes(data))
     assert _run(bids, out, bad, "--stages", "embed") == 66
     assert "sha256" in capsys.readouterr().err
+
+
+def test_precision_is_recorded_and_enters_the_resume_key(prepared):
+    """--precision reaches the model (bf16 autocast on the CPU too), the sidecars say which was used, and a
+    run in the other precision recomputes the model stages instead of skipping them."""
+    bids, out, bundle = prepared
+    anat = out / "sub-02" / "anat"
+    tsv = anat / "sub-02_space-MNI152NLin2009cAsym_desc-ysem_features.tsv"
+    side = tsv.with_suffix(".json")
+
+    def codes():
+        return pd.read_csv(tsv, sep="\t").filter(like="ysem_").to_numpy(float)[0]
+
+    assert _run(bids, out, bundle, "--stages", "embed", "--participant-label", "02", "--precision", "fp32") == 0
+    assert json.loads(side.read_text())["GeneratedBy"]["Precision"] == "fp32"
+    y32, stamp = codes(), tsv.stat().st_mtime_ns
+    assert _run(bids, out, bundle, "--stages", "embed", "--participant-label", "02", "--precision", "fp32") == 0
+    assert tsv.stat().st_mtime_ns == stamp  # same settings: skipped
+    assert _run(bids, out, bundle, "--stages", "embed", "--participant-label", "02", "--precision", "bf16") == 0
+    assert json.loads(side.read_text())["GeneratedBy"]["Precision"] == "bf16" and tsv.stat().st_mtime_ns != stamp
+    y16 = codes()
+    rel = np.linalg.norm(y16 - y32) / np.linalg.norm(y32)
+    assert 0 < rel < 0.05, rel  # bf16 arithmetic really ran, and gives nearly the same code
+
+
+def test_precision_auto_resolves_per_device(monkeypatch):
+    import torch
+
+    from ldae_bids import device as dev
+    from ldae_bids.errors import UsageError
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert dev.resolve_precision(cuda, "auto") == "bf16" and dev.resolve_precision(cuda, "fp32") == "fp32"
+    monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: False)
+    assert dev.resolve_precision(cpu, "auto") == "fp32" and dev.resolve_precision(cpu, "bf16") == "bf16"
+    monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: True)
+    assert dev.resolve_precision(cpu, "auto") == "bf16"
+    with pytest.raises(UsageError, match="precision"):
+        dev.resolve_precision(cpu, "fp16")

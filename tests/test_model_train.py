@@ -300,18 +300,34 @@ def test_loss_curves_show_the_y_sem_gain(tmp_path, monkeypatch):
     assert seen["texts"] and "no steps" in seen["texts"][0]
 
 
-def test_training_under_cpu_bf16_autocast(synth, tmp_path, monkeypatch):
-    """Training's mixed-precision path (bf16 autocast on CUDA) emulated with CPU bf16 autocast: both stages,
-    validation and export run, and the bundle loads."""
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_training_under_cpu_bf16_autocast(synth, tmp_path, monkeypatch, caplog, precision):
+    """Training's mixed-precision path (bf16 autocast on CUDA) through --precision bf16 on the CPU, its
+    validation pipeline under CPU bf16 autocast too: both stages, validation and export run, the training
+    steps really run in bf16 (in fp32 with --precision fp32), and the bundle loads."""
     from ldae_bids.model import loop
     from ldae_bids.model.bundle import load_bundle
     from ldae_bids.model.pipeline import LdaePipeline
 
-    monkeypatch.setattr(loop, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    monkeypatch.setattr(loop, "_PRECISION", None)  # the run sets it; restored after the test
     monkeypatch.setattr(LdaePipeline, "autocast", lambda self: torch.autocast("cpu", dtype=torch.bfloat16))
+    dtypes = set()
+    real = torch.nn.Conv3d._conv_forward
+
+    def spy(self, x, weight, bias):
+        out = real(self, x, weight, bias)
+        if torch.is_grad_enabled():
+            dtypes.add(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.Conv3d, "_conv_forward", spy)
     out = tmp_path / "bf16"
-    run_cli([str(synth), "-o", str(out), "--preset", "tiny", "--threads", "1", "--ae-steps", "2",
-             "--ae-full-volume-steps", "1", "--ldae-steps", "2", "--checkpoint-every", "2", "--val-every", "2"])
+    with caplog.at_level("INFO", logger="ldae_bids"):
+        run_cli([str(synth), "-o", str(out), "--preset", "tiny", "--threads", "1", "--ae-steps", "2",
+                 "--ae-full-volume-steps", "1", "--ldae-steps", "2", "--checkpoint-every", "2", "--val-every", "2",
+                 "--precision", precision])
+    assert f"precision: {precision} on cpu (--precision {precision})" in caplog.text
+    assert dtypes == {getattr(torch, {"bf16": "bfloat16", "fp32": "float32"}[precision])}  # every training conv
     mb = load_bundle(out / "bundle")
     vals = [json.loads(line) for line in (out / "logs" / "train.jsonl").read_text().splitlines()]
     assert any("val_recon_ssim" in r and r["stage"] == "ldae" for r in vals)

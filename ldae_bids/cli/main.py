@@ -85,6 +85,9 @@ def run(
     verbose: Annotated[int, typer.Option("-v", "--verbose", count=True, help="More log output (-vv: debug).",
                                          rich_help_panel=RUN)] = 0,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N.", rich_help_panel=PERF)] = None,
+    precision: Annotated[Optional[str], typer.Option(
+        help="Model arithmetic: auto (bf16 on a GPU and on CPUs with native bf16, fp32 elsewhere), fp32 or bf16.",
+        rich_help_panel=PERF)] = None,
     nprocs: Annotated[Optional[int], typer.Option(help="CPU threads to use.", rich_help_panel=PERF)] = None,
     omp_nthreads: Annotated[Optional[int], typer.Option(help="Threads per process (default: --nprocs).",
                                                         rich_help_panel=PERF)] = None,
@@ -161,7 +164,7 @@ def run(
         derivatives=derivatives, skip_bids_validation=skip_bids_validation or None,
         bids_database_dir=bids_database_dir, stages=stages, skip_stages=skip_stages, work_dir=work_dir,
         stop_on_first_crash=stop_on_first_crash or None, force=force or None, reports_only=reports_only or None,
-        verbose=verbose or None, device=device, nprocs=nprocs, omp_nthreads=omp_nthreads, batch_size=batch_size,
+        verbose=verbose or None, device=device, precision=precision, nprocs=nprocs, omp_nthreads=omp_nthreads, batch_size=batch_size,
         mem=mem, random_seed=random_seed, model=model, ddim_steps=ddim_steps, save_xt=save_xt, targets=targets,
         baseline_features=baseline_features, probe=probe, strengths=strengths, strength_unit=strength_unit,
         fill_months=fill_months,

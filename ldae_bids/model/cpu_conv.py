@@ -5,8 +5,8 @@ instead of oneDNN when ``N * C * D * H <= 20480``, a heuristic in ATen's ``ConvU
 small 2-D inputs. At batch 1 that is every convolution on the compact latent grid (20x24x20) and the
 low-resolution levels of the encoders: ``benchmarks/profile_stages.py`` found most of a denoiser step
 there. Called directly, oneDNN computes the same convolution (equal to float32 rounding) about 2.4x
-faster for the compact denoiser on one thread. Gradients, other dtypes and other devices keep
-PyTorch's own path.
+faster for the compact denoiser on one thread. Gradients, other dtypes, CPU bf16 autocast (which
+casts the convolution to bf16 itself) and other devices keep PyTorch's own path.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import nn
 
 def _forward(self: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
     if (x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.dtype == torch.float32
-            and x.dim() == 5 and not torch.is_grad_enabled()):
+            and x.dim() == 5 and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")):
         return torch.mkldnn_convolution(x.contiguous(), self.weight, self.bias, self.padding, self.stride,
                                         self.dilation, self.groups)
     return nn.Conv3d.forward(self, x)

@@ -43,9 +43,31 @@ def torch_gen_for(seed: int, *keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(rng_for(seed, *keys).integers(2**62)))
 
 
+_PRECISION: str | None = None  # the run's, from set_precision; None: bf16 on CUDA, fp32 on the CPU
+
+
+def set_precision(device: torch.device, precision: str = "auto") -> str:
+    """Choose the training run's mixed precision (``auto``, ``fp32``, ``bf16``; see
+    :func:`ldae_bids.device.resolve_precision`) and return what it resolved to."""
+    global _PRECISION
+    from ldae_bids.device import resolve_precision
+
+    _PRECISION = resolve_precision(device, precision)
+    return _PRECISION
+
+
+def precision(device: torch.device) -> str:
+    """The run's precision on ``device``: ``bf16`` or ``fp32``."""
+    if _PRECISION is None:
+        return "bf16" if device.type == "cuda" else "fp32"
+    return _PRECISION
+
+
 def autocast(device: torch.device):
-    """bf16 autocast on CUDA, a no-op elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    """bf16 autocast when the run's precision is bf16 (CUDA, or a CPU with native bf16), else a no-op."""
+    if device.type in ("cuda", "cpu") and precision(device) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def set_lr(opt: torch.optim.Optimizer, base: float, step: int, warmup: int = 100) -> None:

@@ -68,6 +68,9 @@ class LdaePipeline(nn.Module):
         self.denoiser = nets["denoiser"]
         self.scheduler = build_scheduler(config.scheduler)
         self.latent_scale = float(config.latent_scale)
+        # "auto": bf16 autocast on CUDA, fp32 on the CPU unless set (the app's --precision, resolved by
+        # ldae_bids.device.resolve_precision: bf16 on CPUs with native bf16); "fp32" or "bf16" on either
+        self.precision = "auto"
         from ldae_bids.model.cpu_conv import route_conv3d_to_onednn
 
         route_conv3d_to_onednn(self)  # CPU inference at batch 1: see cpu_conv.py
@@ -78,9 +81,11 @@ class LdaePipeline(nn.Module):
         return next(self.parameters()).device
 
     def autocast(self):
-        """bf16 autocast on CUDA, nothing on the CPU."""
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        """bf16 autocast when :attr:`precision` asks for it: by default on CUDA only."""
+        device = self.device
+        if self.precision == "bf16" or (self.precision == "auto" and device.type == "cuda"):
+            if device.type in ("cuda", "cpu"):
+                return torch.autocast(device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def _images(self, images: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,7 @@ class TrainSettings:
     bundle_name: str | None = None
     device: str | None = None
     auto_threads: bool = False
+    precision: str = "auto"
     normalisation: str = "percentile"
     bias_correction: str | None = None
     dataset_description: str = ""
@@ -126,7 +127,7 @@ def load_settings(output: Path) -> TrainSettings:
         inputs=tuple(Path(p) for p in d["inputs"]), output=Path(d["output"]),
         model=ModelConfig.from_dict(d["model"], str(path)), train=TrainConfig.from_dict(d["train"], str(path)),
         preset=d["preset"], template=d["template"], bundle=Path(d["bundle"]) if d.get("bundle") else None,
-        bundle_name=d.get("bundle_name"), device=d.get("device"),
+        bundle_name=d.get("bundle_name"), device=d.get("device"), precision=d.get("precision", "auto"),
         normalisation=d.get("normalisation", "percentile"), bias_correction=d.get("bias_correction"),
         dataset_description=d.get("dataset_description", ""), licence=d.get("licence", "CC-BY-SA-3.0"),
         init_from=Path(d["init_from"]) if d.get("init_from") else None,
@@ -187,6 +188,10 @@ def run_training(settings: TrainSettings) -> Path | None:
 
     dist = distributed.setup(settings.device)
     try:
+        from ldae_bids.model import loop
+
+        log.info("precision: %s on %s (--precision %s)", loop.set_precision(dist.device, settings.precision),
+                 dist.device.type, settings.precision)
         settings.output.mkdir(parents=True, exist_ok=True)
         init = load_init(settings) if settings.init_from else None
         split = prepare_split(settings, dist.is_main, init.metadata["training"].get("split") if init else None)

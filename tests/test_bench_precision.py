@@ -1,0 +1,55 @@
+"""benchmarks/bench_precision.py on a tiny random bundle and synthetic model-ready images."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+
+
+def test_both_precisions_are_timed_and_scored_on_the_validation_subjects(tmp_path):
+    from conftest import load_benchmark, save_tiny_bundle
+    from ldae_bids.model.config import preset
+
+    bundle, grid = save_tiny_bundle(tmp_path / "bundle", {
+        "licence": "CC0", "training": {"split": {"train": ["t1"], "validation": ["v1", "v2", "v3"]}}})
+    cfg, _ = preset("tiny")
+    data, bids = tmp_path / "data", tmp_path / "bids"
+    data.mkdir()
+    bids.mkdir()
+    rng = np.random.default_rng(0)
+    people = ["participant_id\tage\tsex"]
+    for i, label in enumerate(["t1", "v1", "v2", "v3"] + [f"x{k}" for k in range(8)]):
+        img = np.zeros(cfg.image_shape, np.float32)
+        img[4:12, 4:12, 4:12] = rng.random((8, 8, 8))
+        nib.save(nib.Nifti1Image(img, np.asarray(grid.affine)), str(data / f"sub-{label}_desc-preproc_T1w.nii.gz"))
+        nib.save(nib.Nifti1Image((img > 0).astype(np.uint8), np.asarray(grid.affine)),
+                 str(data / f"sub-{label}_desc-brain_mask.nii.gz"))
+        people.append(f"sub-{label}\t{20 + 5 * i}\t{'MF'[i % 2]}")
+    (bids / "participants.tsv").write_text("\n".join(people) + "\n")
+    out = tmp_path / "out"
+    bench = load_benchmark("bench_precision")
+    assert bench.main(["--bundle", str(bundle), "--data", str(data), "--bids", str(bids), "--steps", "2",
+                       "--batch-size", "2", "--repeats", "1", "--n-boot", "20", "--threads", "1", "--device", "cpu",
+                       "--out", str(out)]) == 0
+    res = json.loads((out / "precision.json").read_text())
+    assert res["subjects"] == ["v1", "v2", "v3"]  # validation subjects only
+    for p in ("fp32", "bf16"):
+        sec = res["precisions"][p]["seconds"]
+        assert set(sec) == {"semantic_encoder", "ae_encoder", "ae_decoder", "denoiser_step", "reconstruct",
+                            "autoencode"} and all(v > 0 for v in sec.values())
+        assert len(res["precisions"][p]["per_subject"]["ldae_ssim"]) == 3
+    # bf16 really ran: its codes differ from fp32, by little
+    assert all(0 < r < 0.1 for r in res["codes"]["ysem_rel"])
+    assert set(res["probes"]) == {"age", "sex"} and res["probes"]["age"]["metric"] == "mae"
+    assert res["probes"]["age"]["fp32"]["n"] == 12
+    md = (out / "precision.md").read_text()
+    assert "| semantic encoder, one call, batch 1 |" in md and "## Probes" in md
+
+
+def test_skips_without_data(tmp_path, capsys):
+    from conftest import load_benchmark
+
+    assert load_benchmark("bench_precision").main(["--data", str(tmp_path / "none"), "--out", str(tmp_path)]) == 0
+    assert "skipped" in capsys.readouterr().out
