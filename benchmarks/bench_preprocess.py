@@ -176,7 +176,8 @@ def markdown(report: dict) -> str:
         "# Preprocessing benchmark",
         "",
         f"Data: `{report['bids']}` ({report['n_subjects']} subjects, {report['n_failed']} failed). "
-        f"Device: {report['device']}. Grid: {report['grid']['name']} {report['grid']['shape']} "
+        f"Device: {report['device']}, {report.get('threads', '?')} threads, brain extraction in "
+        f"{report.get('precision', 'fp32')}. Grid: {report['grid']['name']} {report['grid']['shape']} "
         f"at {report['grid']['spacing']} mm. Date: {report['date']}.",
         "",
         f"Command: `{report['command']}`",
@@ -285,6 +286,8 @@ def main(argv=None) -> int:
     ap.add_argument("--save-dir", type=Path, default=None)
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+                    help="arithmetic of the brain extraction network (the app's --precision; auto as the app)")
     ap.add_argument("--grid", default="compact", choices=["compact", "paper"])
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
@@ -312,6 +315,9 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     dev = resolve_device(args.device)
+    from ldae_bids.device import resolve_precision
+
+    precision = resolve_precision(dev, args.precision)
     grid = Grid.from_name(args.grid)
     subjects = find_subjects(args.bids)[: args.limit]
     if not subjects:
@@ -333,7 +339,7 @@ def main(argv=None) -> int:
     for start in range(0, len(subjects), bs):
         chunk = subjects[start : start + bs]
         results = preprocess_batch([str(s[1]) for s in chunk], grid, device=dev, batch_size=bs,
-                                   bias_correction=bias)
+                                   bias_correction=bias, precision=precision)
         for (sub, t1, ref), res in zip(chunk, results):
             if isinstance(res, BaseException):
                 failed.append({"subject": sub, "error": str(res)})
@@ -410,6 +416,8 @@ def main(argv=None) -> int:
         "command": "python benchmarks/bench_preprocess.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "device": device_name(dev),
+        "precision": precision,
+        "threads": args.threads,
         "grid": grid.to_dict(),
         "n_subjects": len(subjects),
         "n_failed": len(failed),

@@ -142,6 +142,7 @@ class Runner:
         }
         if stage.needs_model:
             payload["model"] = self.resources.model_hash
+        if stage.needs_model or stage.uses_precision:
             payload["precision"] = self.resources.precision
         if stage.uses_grid:
             payload["grid"] = self.resources.grid.to_dict()

@@ -350,6 +350,19 @@ def test_preprocess_real_subject(tf_home, tmp_path):
     np.testing.assert_allclose(read_itk_affine(xfm), res.template_to_native, atol=1e-9)
 
 
+@pytest.mark.ixi
+@needs_ixi
+def test_brain_extraction_in_bf16_gives_the_fp32_mask():
+    from ldae_bids.preprocessing.brain import brain_probability, postprocess
+
+    img = nib.load(str(sorted(IXI.glob("sub-*/anat/sub-*_T1w.nii.gz"))[1]))
+    p32, bbox32, _ = brain_probability(img, "cpu")
+    p16, bbox16, _ = brain_probability(img, "cpu", precision="bf16")
+    assert np.abs(p32 - p16).max() > 1e-3  # bf16 really ran...
+    m32, m16 = postprocess(p32, bbox32) > 0, postprocess(p16, bbox16) > 0
+    assert 2 * (m32 & m16).sum() / (m32.sum() + m16.sum()) > 0.995  # ...and finds the same brain
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_registration_on_cuda_matches_cpu():

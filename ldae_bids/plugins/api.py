@@ -119,6 +119,9 @@ class Stage:
         for the rest of the run); any other error reruns its subjects one by one with :meth:`run`.
     uses_grid : bool
         Whether outputs depend on the model grid (its definition then enters the resume key).
+    uses_precision : bool
+        Whether outputs depend on ``--precision`` without the model (it enters the resume key, as it
+        does for every stage that ``needs_model``); read it from ``ctx.resources.precision``.
     """
 
     name: ClassVar[str] = ""
@@ -130,6 +133,7 @@ class Stage:
     default: ClassVar[bool] = True
     batchable: ClassVar[bool] = False
     uses_grid: ClassVar[bool] = False
+    uses_precision: ClassVar[bool] = False
 
     def parameters(self, settings: "Settings") -> dict[str, Any]:
         """Settings that change this stage's outputs (enter the resume key and sidecars)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import nibabel as nib
@@ -40,8 +41,11 @@ def _extractor(device: torch.device):
         return _MODELS[key]
 
 
-def brain_probability(img: nib.Nifti1Image, device: torch.device | str = "cpu"):
+def brain_probability(img: nib.Nifti1Image, device: torch.device | str = "cpu", precision: str = "fp32"):
     """deepbet's brain probability map in canonical (RAS) orientation.
+
+    ``precision="bf16"`` runs deepbet's networks under bf16 autocast (CPU or CUDA): on a CPU with native
+    bf16 about 1.6x faster, masks nearly identical (``benchmarks/results/preprocess-bf16/preprocess.md`` against ``preprocess.md``).
 
     Returns
     -------
@@ -54,8 +58,11 @@ def brain_probability(img: nib.Nifti1Image, device: torch.device | str = "cpu"):
     """
     canon = nib.as_closest_canonical(img)
     x = np.asarray(canon.dataobj, dtype=np.float32)
-    bet = _extractor(torch.device(device))
-    with _LOCK, torch.no_grad():  # run_model stores the bbox on the shared object
+    dev = torch.device(device)
+    bet = _extractor(dev)
+    mixed = precision == "bf16" and dev.type in ("cpu", "cuda")
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if mixed else contextlib.nullcontext()
+    with _LOCK, torch.no_grad(), autocast:  # run_model stores the bbox on the shared object
         prob = bet.run_model(x.copy())
         bbox = bet.bbox
     return prob.astype(np.float32), bbox, canon
@@ -88,6 +95,7 @@ def brain_mask(
     device: torch.device | str = "cpu",
     threshold: float = DEFAULT_THRESHOLD,
     n_dilate: int = DEFAULT_DILATE,
+    precision: str = "fp32",
 ) -> nib.Nifti1Image:
     """Binary brain mask (uint8) of a T1w image on its own grid.
 
@@ -101,11 +109,13 @@ def brain_mask(
         Cut-off on deepbet's probability.
     n_dilate : int
         Voxel layers to dilate (negative erodes) after deepbet's postprocessing.
+    precision : {"fp32", "bf16"}
+        Arithmetic of deepbet's networks (see :func:`brain_probability`).
 
     Returns
     -------
     nibabel.Nifti1Image
         uint8 mask with ``img``'s affine and shape.
     """
-    prob, bbox, canon = brain_probability(img, device)
+    prob, bbox, canon = brain_probability(img, device, precision)
     return to_input_orientation(postprocess(prob, bbox, threshold, n_dilate), canon, img)

@@ -124,7 +124,7 @@ def resample_to_grid(
     return image, mask_grid
 
 
-def _params(grid: Grid, norm_info: dict, template: TemplateBrain, levels, bias) -> dict:
+def _params(grid: Grid, norm_info: dict, template: TemplateBrain, levels, bias, precision: str = "fp32") -> dict:
     from importlib.metadata import version
 
     import ldae_bids
@@ -135,6 +135,7 @@ def _params(grid: Grid, norm_info: dict, template: TemplateBrain, levels, bias) 
             "version": _brain.deepbet_version(),
             "threshold": _brain.DEFAULT_THRESHOLD,
             "n_dilate": _brain.DEFAULT_DILATE,
+            "precision": precision,
         },
         "bias_field_correction": bias,
         "registration": {
@@ -178,6 +179,7 @@ def preprocess_batch(
     batch_size: int | None = None,
     template: TemplateBrain | None = None,
     levels=DEFAULT_LEVELS,
+    precision: str = "fp32",
 ) -> list:
     """Preprocess several T1w images; registration runs batched (on GPU when ``device`` is).
 
@@ -200,6 +202,8 @@ def preprocess_batch(
         Fixed image; default: MNI152NLin2009cAsym res-02 from TemplateFlow.
     levels : sequence of (factor, steps, lr)
         Registration schedule.
+    precision : {"fp32", "bf16"}
+        Arithmetic of the brain extraction network (bf16 autocast; the registration stays fp32).
 
     Returns
     -------
@@ -222,7 +226,7 @@ def preprocess_batch(
                 t0 = time.perf_counter()
                 img = _as_image(imgs[n])
                 t1 = time.perf_counter()
-                mask_img = _brain.brain_mask(img, dev)
+                mask_img = _brain.brain_mask(img, dev, precision=precision)
                 t2 = time.perf_counter()
                 mask = np.asarray(mask_img.dataobj) > 0
                 vol = float(mask.sum() * abs(np.linalg.det(img.affine[:3, :3])) / 1000.0)
@@ -273,7 +277,7 @@ def preprocess_batch(
                     mask_grid=mg,
                     native_to_template=np.linalg.inv(pull_m),
                     qc=qc,
-                    params=_params(grid, norm_info, tpl, levels, bias),
+                    params=_params(grid, norm_info, tpl, levels, bias, precision),
                     grid=grid,
                     image_unscaled=nib.Nifti1Image(unscaled, grid.affine),
                     source=name,

@@ -19,6 +19,7 @@ class PreprocessStage(Stage):
     description = "deepbet brain extraction, affine registration to MNI152NLin2009cAsym, resampling, normalisation"
     batchable = True
     uses_grid = True
+    uses_precision = True  # deepbet runs under bf16 autocast when --precision resolves to bf16
 
     def parameters(self, settings) -> dict[str, Any]:
         return {"derivatives": [str(p) for p in settings.derivatives]}
@@ -47,7 +48,8 @@ class PreprocessStage(Stage):
         else:
             images = ctx.for_each(lambda ses: load_t1w(ses.t1w), sessions)
             results = preprocess_batch(images, grid, device=ctx.device, normalisation=intensity["normalisation"],
-                                       bias_correction=intensity["bias_correction"])
+                                       bias_correction=intensity["bias_correction"],
+                                       precision=ctx.resources.precision)
         for res in results:
             if isinstance(res, BaseException):
                 raise res
