@@ -45,7 +45,8 @@ def brain_probability(img: nib.Nifti1Image, device: torch.device | str = "cpu", 
     """deepbet's brain probability map in canonical (RAS) orientation.
 
     ``precision="bf16"`` runs deepbet's networks under bf16 autocast (CPU or CUDA): on a CPU with native
-    bf16 about 1.6x faster, masks nearly identical (``benchmarks/results/preprocess-bf16/preprocess.md`` against ``preprocess.md``).
+    bf16 about 1.6x faster, masks nearly identical (``benchmarks/results/preprocess-bf16/preprocess.md``
+    against ``benchmarks/results/preprocess.md``).
 
     Returns
     -------
