@@ -10,10 +10,15 @@ mask vs the template brain mask), and seconds per step. Writes ``preprocess.json
 Optional studies: ``--sweep`` (deepbet threshold/dilation vs Dice), normalisation
 (percentile vs min-max, always on; cheap).
 
+``--precision bf16`` runs the brain extraction network under bf16 autocast (the app's ``--precision``);
+``--compare BASE.json OTHER.json`` only compares two earlier results subject by subject.
+
 Usage::
 
     python benchmarks/bench_preprocess.py --bids ../shared/data/ixi --out benchmarks/results \
-        [--save-dir DIR] [--limit N] [--device auto] [--grid compact] [--sweep]
+        [--save-dir DIR] [--limit N] [--device auto] [--precision fp32] [--grid compact] [--sweep]
+    python benchmarks/bench_preprocess.py --compare benchmarks/results/preprocess.json \
+        benchmarks/results/preprocess-bf16/preprocess.json --out benchmarks/results/preprocess-bf16
 """
 
 from __future__ import annotations
@@ -279,8 +284,40 @@ def bias_choice(choice: str) -> str | None:
     return (meta.get("intensity") or {}).get("bias_correction")
 
 
+def compare(base_path: Path, other_path: Path) -> tuple[dict, str]:
+    """Per-subject paired differences (other - base) of two preprocess.json files, e.g. bf16 against fp32."""
+    base, other = json.loads(base_path.read_text()), json.loads(other_path.read_text())
+    rows_a = {r["subject"]: r for r in base["subjects"]}
+    rows_b = {r["subject"]: r for r in other["subjects"]}
+    common = sorted(set(rows_a) & set(rows_b))
+    out = {"base": str(base_path), "other": str(other_path), "n_common": len(common),
+           "base_precision": base.get("precision", "fp32"), "other_precision": other.get("precision", "fp32"),
+           "metrics": {}}
+    for key in ("bet_dice_vs_dlmuse", "ncc_to_template", "mask_dice_to_template", "brain_volume_ml"):
+        pairs = [(rows_a[s].get(key), rows_b[s].get(key)) for s in common]
+        pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+        if not pairs:
+            continue
+        d = np.array([b - a for a, b in pairs])
+        worst = int(np.argmax(np.abs(d)))
+        out["metrics"][key] = {"base_mean": float(np.mean([a for a, _ in pairs])),
+                               "other_mean": float(np.mean([b for _, b in pairs])),
+                               "diff_mean": float(d.mean()), "diff_min": float(d.min()), "diff_max": float(d.max()),
+                               "worst_subject": [s for s in common if rows_a[s].get(key) is not None][worst]}
+    lines = [f"# Preprocessing: {out['other_precision']} against {out['base_precision']}", "",
+             f"`{other_path}` against `{base_path}`, {len(common)} subjects in both (paired, other - base).", "",
+             "| metric | base mean | other mean | difference mean | min | max | largest on |",
+             "|---|---|---|---|---|---|---|"]
+    for key, m in out["metrics"].items():
+        lines.append(f"| {key} | {m['base_mean']:.4f} | {m['other_mean']:.4f} | {m['diff_mean']:+.5f} | "
+                     f"{m['diff_min']:+.5f} | {m['diff_max']:+.5f} | {m['worst_subject']} |")
+    return out, "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--compare", nargs=2, type=Path, metavar=("BASE.json", "OTHER.json"),
+                    help="only compare two earlier preprocess.json results per subject (writes preprocess_compare.*)")
     ap.add_argument("--bids", type=Path, default=REPO.parent / "shared" / "data" / "ixi")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--save-dir", type=Path, default=None)
@@ -299,6 +336,13 @@ def main(argv=None) -> int:
                     help="N4 or not; 'bundle' (default): as the shipped model's metadata.json records, so --save-dir "
                          "images match what the preprocess stage writes with the default model")
     args = ap.parse_args(argv)
+    if args.compare:
+        result, md = compare(*args.compare)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "preprocess_compare.json").write_text(json.dumps(result, indent=1))
+        (args.out / "preprocess_compare.md").write_text(md)
+        print(md)
+        return 0
 
     if not args.bids.is_dir():
         print(f"bench_preprocess: data folder {args.bids} not found; skipping.")
