@@ -61,7 +61,8 @@ def markdown(result: dict) -> str:
         "# Reconstruction benchmark", "",
         f"Bundle `{result['bundle']['name']}` (content hash `{result['bundle']['content_hash'][:16]}...`), "
         f"{result['n_subjects']} validation subjects of its own subject-level split, data `{result['data']}`.",
-        f"Device: {result['environment']['device']}, torch threads {result['environment']['threads']}; "
+        f"Device: {result['environment']['device']}, torch threads {result['environment']['threads']}, "
+        f"{result['environment'].get('precision', 'fp32 on the CPU, bf16 on CUDA')}; "
         f"{result['date']}; batch {result.get('batch_size', 1)} (seconds per subject = batch time / batch).", "",
         f"Command: `{result.get('command', '')}`", "",
         "Similarity to the input image ([0, 1] intensities; mean ± sd over subjects; 'mask' = inside the brain mask).",
@@ -108,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=4, help="subjects per batch (seconds are per subject)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+                    help="model arithmetic (the app's --precision; default fp32, the exact reference; "
+                         "bench_precision.py measures what bf16 changes)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--record", action="store_true",
                     help="also write the summary into the bundle's metadata.json (checksums recomputed)")
@@ -131,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     mb = load_bundle(bundle_path, device=device)
     pipe = mb.pipeline
+    from ldae_bids.device import resolve_precision
+
+    precision = pipe.precision = resolve_precision(pipe.device, args.precision)
     labels = mb.metadata.get("training", {}).get("split", {}).get("validation", [])
     pairs = [(s, find(args.data, s, "_desc-preproc_T1w.nii.gz"), find(args.data, s, "_desc-brain_mask.nii.gz"))
              for s in labels]
@@ -195,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/bench_reconstruction.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "environment": {"device": torch.cuda.get_device_name(0) if device.startswith("cuda")
                         else f"CPU ({platform.machine()})", "threads": torch.get_num_threads(),
-                        "torch": torch.__version__},
+                        "torch": torch.__version__, "precision": precision},
         "labels": names,
         "summary": summarise(rows),
         "ysem_use": use,
