@@ -99,7 +99,7 @@ def run(args) -> dict:
         raise BenchError(f"{args.bids}: {len(labels)} subjects; fitting the probe for manipulate needs at least "
                          "10 (or give --probe)")
     out = work / "out"
-    common = ["--device", args.device, "--ddim-steps", str(args.ddim_steps)]
+    common = ["--device", args.device, "--precision", args.precision, "--ddim-steps", str(args.ddim_steps)]
     if args.batch_size:
         common += ["--batch-size", str(args.batch_size)]
     report = {"calls": {}}
@@ -143,6 +143,7 @@ def run(args) -> dict:
         "command": "python benchmarks/bench_participant.py " + " ".join(args.argv),
         "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(args.device),
         "settings": {"n_subjects": len(labels), "ddim_steps": args.ddim_steps, "device": args.device,
+                     "precision": args.precision, "precision_used": precision_used(args),
                      "batch_size": args.batch_size or "app default", "nprocs": args.nprocs,
                      "n_manipulate": args.n_manipulate, "n_long": args.n_long},
         "model": str(model), "bundle": {k: info[k] for k in ("name", "content_hash")},
@@ -153,12 +154,20 @@ def run(args) -> dict:
     return report
 
 
+def precision_used(args) -> str:
+    """What the app's ``--precision`` resolves to on ``--device`` here."""
+    from ldae_bids.device import resolve_precision, select_device
+
+    return resolve_precision(select_device(args.device), args.precision)
+
+
 def markdown(rep: dict) -> str:
     m, st = rep["machine"], rep["settings"]
     L = ["# Participant level: seconds and memory per stage (issue 7)", "",
          f"Date: {rep['date']}. Command: `{rep['command']}`", "",
          f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, " + (f"GPU {m['gpu']}" if m["gpu"] else "no GPU")
-         + f"; torch {m['torch']}. Device `{st['device']}`, batch {st['batch_size']}, app threads "
+         + f"; torch {m['torch']}. Device `{st['device']}`, precision {st.get('precision_used', 'fp32')} "
+         f"(`--precision {st.get('precision', 'auto')}`), batch {st['batch_size']}, app threads "
          f"{st['nprocs'] or 'default'}, DDIM steps {st['ddim_steps']}, {st['n_subjects']} IXI subjects.", "",
          *([f"Model bundle: `{rep['bundle']['name']}` (content hash `{rep['bundle']['content_hash']}`).", ""]
            if rep.get("bundle") else []),
@@ -195,6 +204,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--n-long", type=int, default=2)
     ap.add_argument("--ddim-steps", type=int, default=20)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="the app's --precision")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--nprocs", type=int, default=None)
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench-participant"))
