@@ -44,9 +44,8 @@ def _extractor(device: torch.device):
 def brain_probability(img: nib.Nifti1Image, device: torch.device | str = "cpu", precision: str = "fp32"):
     """deepbet's brain probability map in canonical (RAS) orientation.
 
-    ``precision="bf16"`` runs deepbet's networks under bf16 autocast (CPU or CUDA): on a CPU with native
-    bf16 about 1.6x faster, masks nearly identical (``benchmarks/results/preprocess-bf16/preprocess.md``
-    against ``benchmarks/results/preprocess.md``).
+    ``precision="bf16"`` runs deepbet's networks under bf16 autocast (CPU or CUDA): faster on a CPU with
+    native bf16, masks nearly identical (``benchmarks/results/preprocess-bf16/preprocess_compare.md``).
 
     Returns
     -------
