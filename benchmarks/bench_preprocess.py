@@ -294,16 +294,16 @@ def compare(base_path: Path, other_path: Path) -> tuple[dict, str]:
            "base_precision": base.get("precision", "fp32"), "other_precision": other.get("precision", "fp32"),
            "metrics": {}}
     for key in ("bet_dice_vs_dlmuse", "ncc_to_template", "mask_dice_to_template", "brain_volume_ml"):
-        pairs = [(rows_a[s].get(key), rows_b[s].get(key)) for s in common]
-        pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+        pairs = [(s, rows_a[s].get(key), rows_b[s].get(key)) for s in common]
+        pairs = [(s, a, b) for s, a, b in pairs if a is not None and b is not None]
         if not pairs:
             continue
-        d = np.array([b - a for a, b in pairs])
+        d = np.array([b - a for _, a, b in pairs])
         worst = int(np.argmax(np.abs(d)))
-        out["metrics"][key] = {"base_mean": float(np.mean([a for a, _ in pairs])),
-                               "other_mean": float(np.mean([b for _, b in pairs])),
+        out["metrics"][key] = {"base_mean": float(np.mean([a for _, a, _ in pairs])),
+                               "other_mean": float(np.mean([b for _, _, b in pairs])),
                                "diff_mean": float(d.mean()), "diff_min": float(d.min()), "diff_max": float(d.max()),
-                               "worst_subject": [s for s in common if rows_a[s].get(key) is not None][worst]}
+                               "worst_subject": pairs[worst][0]}
     lines = [f"# Preprocessing: {out['other_precision']} against {out['base_precision']}", "",
              f"`{other_path}` against `{base_path}`, {len(common)} subjects in both (paired, other - base).", "",
              "| metric | base mean | other mean | difference mean | min | max | largest on |",

@@ -22,8 +22,9 @@ CREATED_PATHS = ("output_dir", "work_dir", "bids_database_dir")
 
 def _choices() -> dict[str, list[str]]:
     from ldae_bids.config import LEVELS, T1W_POLICIES
+    from ldae_bids.device import PRECISIONS
 
-    return {"analysis_level": list(LEVELS), "t1w_policy": list(T1W_POLICIES)}
+    return {"analysis_level": list(LEVELS), "t1w_policy": list(T1W_POLICIES), "precision": list(PRECISIONS)}
 
 
 def cli_command():

@@ -46,8 +46,8 @@ class Settings:
     skip_bids_validation: bool = False
     t1w_policy: str = "first"
     device: str = "auto"
-    # "auto": bf16 autocast on CUDA and on CPUs with native bf16 (twice as fast, SSIM within 0.002 and the
-    # same probe metrics: benchmarks/results/precision.md), fp32 elsewhere
+    # "auto": bf16 autocast on CUDA and on CPUs with native bf16 (reconstruction 1.7x faster on this project's
+    # CPU, SSIM within 0.002 and the same probe metrics: benchmarks/results/precision.md), fp32 elsewhere
     precision: str = "auto"
     nprocs: int | None = None
     omp_nthreads: int | None = None

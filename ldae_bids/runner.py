@@ -151,6 +151,8 @@ class Runner:
 
     def _context(self, stage: Stage) -> StageContext:
         provenance = {"StageVersion": stage.version, **self.resources.provenance(stage.needs_model)}
+        if stage.uses_precision and not stage.needs_model:
+            provenance["Precision"] = self.resources.precision
         dist = self.dist_of.get(stage.name)
         if dist and dist[0] != "ldae-bids":
             provenance["Plugin"] = {"Distribution": dist[0], "Version": dist[1]}
@@ -188,6 +190,10 @@ class Runner:
         self.batch_limit = batch_size  # lowered for the rest of the run when a batch runs out of memory
         self._mem_peak = 0.0  # the peak at the last --mem check (ru_maxrss never decreases)
         self._mem_warned = False
+        for stage in self.stages:  # run-wide checks before any work, for every stage with something to do
+            if any(self.settings.force or not self.stamps.is_done(
+                    s.key, stage.name, self._key(stage, s.key, [ses.t1w for ses in s.sessions])) for s in subjects):
+                self._preflight(stage)
         task = progress.add_task("subjects", total=len(subjects)) if progress else None
         start = 0
         while start < len(subjects):
@@ -352,16 +358,17 @@ class Runner:
                             "params": stage.parameters(self.settings), "subjects": unit_keys,
                             "requires": {r: self.stamps.key_of("group", r) for r in stage.requires},
                             "model": self.resources.model_hash if stage.needs_model else None,
-                            "precision": self.resources.precision if stage.needs_model else None})
+                            "precision": self.resources.precision
+                            if stage.needs_model or stage.uses_precision else None})
             if not self.settings.force and self.stamps.is_done("group", stage.name, key):
                 res.skipped.append(stage.name)
                 out.append(res)
                 continue
             ctx = self._context(stage)
+            self._preflight(stage)  # a run-wide problem stops the run here, before the stage's stamp goes
             self.stamps.remove("group", stage.name)
             try:
                 with self.usage.measure(stage.name, ["group"]):
-                    stage.preflight(ctx)
                     stage.run(ctx, group)
             except Exception as exc:
                 ctx.writer.remove_written()

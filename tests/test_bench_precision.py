@@ -64,11 +64,14 @@ def test_preprocess_compare_pairs_subjects(tmp_path):
         return path
 
     base = result(tmp_path / "a.json", "fp32", {"sub-1": 0.98, "sub-2": 0.97, "sub-3": 0.96})
-    other = result(tmp_path / "b.json", "bf16", {"sub-1": 0.981, "sub-2": 0.965, "sub-4": 0.5})
+    other = result(tmp_path / "b.json", "bf16", {"sub-0": None, "sub-1": 0.981, "sub-2": 0.965, "sub-4": 0.5})
+    data = json.loads(base.read_text())
+    data["subjects"].insert(0, {"subject": "sub-0", "bet_dice_vs_dlmuse": 0.9, "ncc_to_template": 0.4})
+    base.write_text(json.dumps(data))  # sub-0 has no Dice in the other run: left out of that metric
     bench = load_benchmark("bench_preprocess")
     assert bench.main(["--compare", str(base), str(other), "--out", str(tmp_path / "out")]) == 0
     res = json.loads((tmp_path / "out" / "preprocess_compare.json").read_text())
     dice = res["metrics"]["bet_dice_vs_dlmuse"]
-    assert res["n_common"] == 2 and res["other_precision"] == "bf16"  # sub-3 and sub-4 are not in both
+    assert res["n_common"] == 3 and res["other_precision"] == "bf16"  # sub-3 and sub-4 are not in both
     assert abs(dice["diff_mean"] - (0.001 - 0.005) / 2) < 1e-9 and dice["worst_subject"] == "sub-2"
     assert res["metrics"]["ncc_to_template"]["diff_max"] == 0

@@ -302,32 +302,39 @@ def test_loss_curves_show_the_y_sem_gain(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 def test_training_under_cpu_bf16_autocast(synth, tmp_path, monkeypatch, caplog, precision):
-    """Training's mixed-precision path (bf16 autocast on CUDA) through --precision bf16 on the CPU, its
-    validation pipeline under CPU bf16 autocast too: both stages, validation and export run, the training
-    steps really run in bf16 (in fp32 with --precision fp32), and the bundle loads."""
+    """Training's mixed-precision path (bf16 autocast on CUDA) through --precision bf16 on the CPU: both
+    stages, validation and export run, every convolution PyTorch runs (training steps and, under autocast,
+    validation) is in bf16 (fp32 with --precision fp32), and the bundle loads."""
     from ldae_bids.model import loop
     from ldae_bids.model.bundle import load_bundle
     from ldae_bids.model.pipeline import LdaePipeline
 
     monkeypatch.setattr(loop, "_PRECISION", None)  # the run sets it; restored after the test
-    monkeypatch.setattr(LdaePipeline, "autocast", lambda self: torch.autocast("cpu", dtype=torch.bfloat16))
-    dtypes = set()
+    dtypes, validation = set(), []
     real = torch.nn.Conv3d._conv_forward
+    real_autocast = LdaePipeline.autocast
 
     def spy(self, x, weight, bias):
         out = real(self, x, weight, bias)
-        if torch.is_grad_enabled():
-            dtypes.add(out.dtype)
+        dtypes.add(out.dtype)
         return out
 
+    def pipeline_autocast(self):
+        ctx = real_autocast(self)
+        validation.append(type(ctx).__name__)
+        return ctx
+
     monkeypatch.setattr(torch.nn.Conv3d, "_conv_forward", spy)
+    monkeypatch.setattr(LdaePipeline, "autocast", pipeline_autocast)
     out = tmp_path / "bf16"
     with caplog.at_level("INFO", logger="ldae_bids"):
         run_cli([str(synth), "-o", str(out), "--preset", "tiny", "--threads", "1", "--ae-steps", "2",
                  "--ae-full-volume-steps", "1", "--ldae-steps", "2", "--checkpoint-every", "2", "--val-every", "2",
                  "--precision", precision])
     assert f"precision: {precision} on cpu (--precision {precision})" in caplog.text
-    assert dtypes == {getattr(torch, {"bf16": "bfloat16", "fp32": "float32"}[precision])}  # every training conv
+    assert dtypes == {getattr(torch, {"bf16": "bfloat16", "fp32": "float32"}[precision])}
+    # the validation pipeline follows the run's precision (autocast in bf16, none in fp32)
+    assert validation and set(validation) == {"autocast" if precision == "bf16" else "nullcontext"}
     mb = load_bundle(out / "bundle")
     vals = [json.loads(line) for line in (out / "logs" / "train.jsonl").read_text().splitlines()]
     assert any("val_recon_ssim" in r and r["stage"] == "ldae" for r in vals)

@@ -280,3 +280,36 @@ def subjects_again(tmp_path: Path, n: int) -> list[SubjectInput]:
     return [SubjectInput(f"{i:02d}", (SessionInput(f"{i:02d}", None, tmp_path / "bids" / f"sub-{i:02d}" / "anat"
                                                    / f"sub-{i:02d}_T1w.nii.gz", {"subject": f"{i:02d}"}),))
             for i in range(1, n + 1)]
+
+
+def test_group_preflight_stops_the_run_before_the_stage_loses_its_stamp(tmp_path):
+    from ldae_bids.errors import MissingInputError
+    from ldae_bids.plugins.api import GroupInput
+
+    class GroupStage(Stage):
+        name = "grp"
+        level = Level.GROUP
+        missing = False
+        runs = 0
+
+        def preflight(self, ctx):
+            if self.missing:
+                raise MissingInputError("needs X")
+
+        def run(self, ctx, unit):
+            type(self).runs += 1
+
+    (tmp_path / "out").mkdir()
+    settings = build_settings(bids_dir=tmp_path / "bids", output_dir=tmp_path / "out", analysis_level="group",
+                              device="cpu")
+    group = GroupInput((), tmp_path / "out", {})
+    assert [r.status for r in Runner(settings, [GroupStage], Resources(settings)).run_group(group)] == ["done"]
+    stamp = Runner(settings, [GroupStage], Resources(settings)).stamps.read("group", "grp")
+    GroupStage.missing = True
+    forced = build_settings(bids_dir=tmp_path / "bids", output_dir=tmp_path / "out", analysis_level="group",
+                            device="cpu", force=True)
+    runner = Runner(forced, [GroupStage], Resources(forced))
+    with pytest.raises(MissingInputError, match="needs X"):
+        runner.run_group(group)
+    assert GroupStage.runs == 1 and runner.stamps.read("group", "grp") == stamp  # not run, stamp kept
+    assert not list((tmp_path / "out").glob("logs/crash-*"))

@@ -86,7 +86,8 @@ def run(
                                          rich_help_panel=RUN)] = 0,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N.", rich_help_panel=PERF)] = None,
     precision: Annotated[Optional[str], typer.Option(
-        help="Model arithmetic: auto (bf16 on a GPU and on CPUs with native bf16, fp32 elsewhere), fp32 or bf16.",
+        help="Arithmetic of the model and of brain extraction: auto (bf16 on a GPU and on CPUs with native bf16, "
+             "fp32 elsewhere), fp32 or bf16.",
         rich_help_panel=PERF)] = None,
     nprocs: Annotated[Optional[int], typer.Option(help="CPU threads to use.", rich_help_panel=PERF)] = None,
     omp_nthreads: Annotated[Optional[int], typer.Option(help="Threads per process (default: --nprocs).",

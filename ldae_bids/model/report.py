@@ -115,6 +115,9 @@ def write_report(output: Path, bundle: Path, val_paths: list[Path], steps: int =
         return figures
     mb = load_bundle(bundle)
     pipe = mb.pipeline
+    from ldae_bids.model import loop
+
+    pipe.precision = loop.precision(pipe.device)  # the training run's (--precision)
     x = torch.stack([torch.from_numpy(load_volume(p, mb.config.image_shape))[None] for p in val_paths[:n]])
     ae = pipe.autoencode(x)
     rec = pipe.reconstruct(x, steps=steps)

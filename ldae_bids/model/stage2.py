@@ -69,7 +69,9 @@ def make_pipeline(model_cfg: ModelConfig, ae, semantic_encoder, denoiser):
     """A pipeline around existing networks (no copy)."""
     from ldae_bids.model.pipeline import LdaePipeline
 
-    return LdaePipeline(model_cfg, {"autoencoder": ae, "semantic_encoder": semantic_encoder, "denoiser": denoiser})
+    pipe = LdaePipeline(model_cfg, {"autoencoder": ae, "semantic_encoder": semantic_encoder, "denoiser": denoiser})
+    pipe.precision = loop.precision(pipe.device)  # the training run's (--precision), for validation too
+    return pipe
 
 
 @torch.no_grad()
