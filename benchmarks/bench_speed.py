@@ -71,6 +71,7 @@ class ImageSpaceDae:
         route_conv3d_to_onednn(self.denoiser)  # the same CPU convolution path as LdaePipeline
         self.scheduler = build_scheduler(model_cfg.scheduler)
         self.device = device
+        self.precision = "auto"  # as LdaePipeline's default: bf16 autocast on CUDA, fp32 on the CPU
 
     def autocast(self):
         from ldae_bids.model.pipeline import LdaePipeline

@@ -63,7 +63,7 @@ class Settings:
     targets: tuple[str, ...] = ()
     baseline_features: Path | None = None
     probe: tuple[Path, ...] = ()
-    # the shipped model moves the re-encoded age monotonically for 8/8 subjects over -1..1 (5/8 over -2..2, where
+    # the shipped model moves the re-encoded age monotonically for 8/8 subjects over -1..1 (6/8 over -2..2, where
     # it saturates at the ends of the training ages), about 14 years per unit strength
     # (benchmarks/results/analyses.md): +-1 already spans most of the adult age range
     strengths: tuple[float, ...] = (-1.0, -0.5, 0.5, 1.0)
