@@ -45,31 +45,11 @@ PRECISIONS = ("fp32", "bf16")
 NETWORKS = ("semantic_encoder", "ae_encoder", "ae_decoder", "denoiser_step")
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def timed(fn, repeats: int, sync) -> float:
-    """Median seconds of ``repeats`` calls after one warm-up call."""
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
-
-
-def network_times(pipe, shape, repeats: int, sync) -> dict[str, float]:
+def network_times(pipe, shape, repeats: int) -> dict[str, float]:
+    """Median seconds of one call of each network at batch 1 (``bench_speed.timed``: one warm-up call)."""
     import torch
+
+    from bench_speed import timed
 
     x = torch.rand(1, 1, *shape, generator=torch.Generator().manual_seed(0)).to(pipe.device)
     with torch.no_grad():
@@ -85,10 +65,11 @@ def network_times(pipe, shape, repeats: int, sync) -> dict[str, float]:
             with pipe.autocast():
                 pipe.autoencoder.encode(x)
 
-        return {"semantic_encoder": timed(lambda: pipe.encode_semantic(x), repeats, sync),
-                "ae_encoder": timed(ae_encoder, repeats, sync),
-                "ae_decoder": timed(lambda: pipe.decode_latent(z), repeats, sync),
-                "denoiser_step": timed(step, repeats * 3, sync)}
+        dev = pipe.device
+        return {"semantic_encoder": timed(lambda: pipe.encode_semantic(x), dev, repeats)[0],
+                "ae_encoder": timed(ae_encoder, dev, repeats)[0],
+                "ae_decoder": timed(lambda: pipe.decode_latent(z), dev, repeats)[0],
+                "denoiser_step": timed(step, dev, repeats * 3)[0]}
 
 
 def relative(a, b) -> float:
@@ -206,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from bench_reconstruction import find
+    from bench_preprocess import cpu_name
+    from bench_reconstruction import validation_pairs
     from ldae_bids.device import cpu_has_native_bf16
     from ldae_bids.metrics import similarity
     from ldae_bids.model.bundle import default_bundle_path, load_bundle
@@ -224,12 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     mb = load_bundle(bundle_path, device=device)
     pipe, shape = mb.pipeline, tuple(mb.config.image_shape)
-    labels = mb.metadata.get("training", {}).get("split", {}).get("validation", [])
-    pairs = [(s, find(args.data, s, "_desc-preproc_T1w.nii.gz"), find(args.data, s, "_desc-brain_mask.nii.gz"))
-             for s in labels]
-    pairs = [p for p in pairs if p[1] is not None][: args.limit]
+    pairs = validation_pairs(mb, args.data, args.limit)
     if not pairs:
-        print(f"skipped: none of the bundle's {len(labels)} validation subjects has an image under {args.data}")
         return 0
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     x_all = torch.stack([torch.from_numpy(load_volume(p, shape))[None] for _, p, _ in pairs])
@@ -239,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     precisions, codes = {}, {}
     for p in PRECISIONS:
         pipe.precision = p
-        seconds = network_times(pipe, shape, args.repeats, sync)
+        seconds = network_times(pipe, shape, args.repeats)
         per = {k: [] for k in ("ae_ssim", "ae_ssim_mask", "ldae_ssim", "ldae_ssim_mask", "ldae_mse")}
         ysem, xt, t_rec, t_ae = [], [], 0.0, 0.0
         for start in range(0, len(pairs), bs):

@@ -46,6 +46,17 @@ def find(data: Path, label: str, suffix: str) -> Path | None:
     return hits[0] if hits else None
 
 
+def validation_pairs(mb, data: Path, limit: int | None) -> list[tuple[str, Path, Path | None]]:
+    """``(label, image, brain mask or None)`` of the bundle's validation subjects that have an image under
+    ``data`` (at most ``limit``); says so and returns ``[]`` when none has."""
+    labels = mb.metadata.get("training", {}).get("split", {}).get("validation", [])
+    pairs = [(s, find(data, s, "_desc-preproc_T1w.nii.gz"), find(data, s, "_desc-brain_mask.nii.gz")) for s in labels]
+    pairs = [p for p in pairs if p[1] is not None][:limit]
+    if not pairs:
+        print(f"skipped: none of the bundle's {len(labels)} validation subjects has an image under {data}")
+    return pairs
+
+
 def summarise(rows: list[dict]) -> dict:
     out = {}
     for method in rows[0]["methods"]:
@@ -138,12 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     from ldae_bids.device import resolve_precision
 
     precision = pipe.precision = resolve_precision(pipe.device, args.precision)
-    labels = mb.metadata.get("training", {}).get("split", {}).get("validation", [])
-    pairs = [(s, find(args.data, s, "_desc-preproc_T1w.nii.gz"), find(args.data, s, "_desc-brain_mask.nii.gz"))
-             for s in labels]
-    pairs = [p for p in pairs if p[1] is not None][: args.limit]
+    pairs = validation_pairs(mb, args.data, args.limit)
     if not pairs:
-        print(f"skipped: none of the bundle's {len(labels)} validation subjects has an image under {args.data}")
         return 0
     steps = [int(s) for s in args.steps.split(",") if s]
     names = {"ae": "autoencoder only", **{f"ldae_{n}": f"LDAE, inverted x_T, {n} steps" for n in steps},

@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ldae_bids.device import PRECISIONS
 from ldae_bids.errors import UsageError
 
 LEVELS = ("participant", "group")
@@ -189,8 +190,8 @@ def build_settings(**kwargs: Any) -> Settings:
         raise UsageError(f"--t1w-policy must be one of {', '.join(T1W_POLICIES)}")
     if kw.get("device", "auto") not in ("auto", "cpu", "cuda") and not str(kw["device"]).startswith("cuda:"):
         raise UsageError("--device must be auto, cpu, cuda or cuda:N")
-    if kw.get("precision", "auto") not in ("auto", "fp32", "bf16"):
-        raise UsageError("--precision must be auto, fp32 or bf16")
+    if kw.get("precision", "auto") not in PRECISIONS:
+        raise UsageError(f"--precision must be {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}")
     if "mem" in kw:  # --mem text (16GB, 16000MB); a config file stores mem_mb
         from ldae_bids.memory import parse_memory
 

@@ -191,6 +191,8 @@ class Runner:
         self._mem_peak = 0.0  # the peak at the last --mem check (ru_maxrss never decreases)
         self._mem_warned = False
         for stage in self.stages:  # run-wide checks before any work, for every stage with something to do
+            if type(stage).preflight is Stage.preflight:
+                continue  # nothing to check: no resume keys computed twice for it
             if any(self.settings.force or not self.stamps.is_done(
                     s.key, stage.name, self._key(stage, s.key, [ses.t1w for ses in s.sessions])) for s in subjects):
                 self._preflight(stage)

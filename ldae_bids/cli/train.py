@@ -104,8 +104,10 @@ def train(
             if not threads.isdigit() or int(threads) < 1:
                 raise UsageError("--threads must be a positive number or 'auto'")
             torch.set_num_threads(int(threads))
-        if precision not in ("auto", "fp32", "bf16"):
-            raise UsageError("--precision must be auto, fp32 or bf16")
+        from ldae_bids.device import PRECISIONS
+
+        if precision not in PRECISIONS:
+            raise UsageError(f"--precision must be {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}")
         if bias_correction not in ("none", "n4"):
             raise UsageError("--bias-correction must be none or n4")
         if decoder_steps is not None and decoder_steps < 0:

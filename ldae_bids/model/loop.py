@@ -3,7 +3,6 @@ CPU threads, wall-clock budgets, JSONL logging and synchronised checkpoints."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -65,9 +64,9 @@ def precision(device: torch.device) -> str:
 
 def autocast(device: torch.device):
     """bf16 autocast when the run's precision is bf16 (CUDA, or a CPU with native bf16), else a no-op."""
-    if device.type in ("cuda", "cpu") and precision(device) == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    from ldae_bids.device import autocast as precision_autocast
+
+    return precision_autocast(device, precision(device))
 
 
 def set_lr(opt: torch.optim.Optimizer, base: float, step: int, warmup: int = 100) -> None:

@@ -8,7 +8,6 @@ scaled by ``latent_scale`` (1/std of the training latents) before diffusion.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -82,11 +81,12 @@ class LdaePipeline(nn.Module):
 
     def autocast(self):
         """bf16 autocast when :attr:`precision` asks for it: by default on CUDA only."""
+        from ldae_bids.device import autocast
+
         device = self.device
-        if self.precision == "bf16" or (self.precision == "auto" and device.type == "cuda"):
-            if device.type in ("cuda", "cpu"):
-                return torch.autocast(device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        if self.precision == "auto":  # not resolve_precision's auto: a library default stays fp32 on the CPU
+            return autocast(device, "bf16" if device.type == "cuda" else "fp32")
+        return autocast(device, self.precision)
 
     def _images(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 5 or images.shape[1] != 1 or tuple(images.shape[2:]) != tuple(self.config.image_shape):
