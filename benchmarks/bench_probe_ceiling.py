@@ -38,7 +38,27 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-FEATURES = ("voxels", "latent", "y_sem", "roi")
+FEATURES = ("voxels", "latent", "y_sem", "y_sem_mirror", "y_sem_shift", "roi")
+# test-time views of the image for the y_sem averages (--views): the left-right mirror about the template's
+# midline, and one-voxel shifts along each axis
+
+
+def mirror_lr(x):
+    """Left-right mirror of (B, 1, X, Y, Z) model-ready images about the template midline.
+
+    The compact crop starts at voxel 9 of the 97-voxel template grid, whose x = 0 lies at voxel 48.25, so crop
+    index i mirrors to about 78 - i (a plain flip maps it to 79 - i; the template brain mask overlaps its mirror
+    0.988 either way); the voxel rolled in is background."""
+    import torch
+
+    return torch.roll(torch.flip(x, dims=[2]), shifts=-1, dims=2)
+
+
+def shifted_views(x):
+    """The image and its one-voxel shifts (+-1 along each axis): seven views."""
+    import torch
+
+    return [x] + [torch.roll(x, shifts=d, dims=a) for a in (2, 3, 4) for d in (-1, 1)]
 HEADLINE = {"regression": "mae", "classification": "auroc"}
 
 
@@ -50,8 +70,9 @@ def read_table(path: Path) -> dict[str, dict[str, str]]:
     return {str(r["participant_id"]).removeprefix("sub-"): r for r in df.to_dict("records")}
 
 
-def image_features(data: Path, labels: list[str], pipe, shape, batch: int):
-    """Voxels (inside the union of the masks), scaled latents and y_sem of each subject's model-ready image."""
+def image_features(data: Path, labels: list[str], pipe, shape, batch: int, views: bool = False):
+    """Voxels (inside the union of the masks), scaled latents and y_sem of each subject's model-ready image;
+    with ``views``, also y_sem averaged with that of the mirrored image, and over seven shifted views."""
     import torch
 
     from ldae_bids.model.data import load_volume
@@ -61,13 +82,20 @@ def image_features(data: Path, labels: list[str], pipe, shape, batch: int):
     for s in labels:
         mask = data / f"sub-{s}_desc-brain_mask.nii.gz"
         union |= load_volume(mask, shape) > 0.5 if mask.is_file() else np.ones(shape, bool)
-    latents, codes = [], []
+    latents, codes, mirrored, shifted = [], [], [], []
     for i in range(0, len(labels), batch):
         x = torch.from_numpy(vols[i:i + batch])[:, None]
         latents.append(pipe.encode_latent(x).flatten(1).cpu().numpy())
-        codes.append(pipe.encode_semantic(x).cpu().numpy())
-    return {"voxels": vols[:, union].astype(np.float32), "latent": np.concatenate(latents),
-            "y_sem": np.concatenate(codes)}
+        y = pipe.encode_semantic(x).cpu().numpy()
+        codes.append(y)
+        if views:
+            mirrored.append((y + pipe.encode_semantic(mirror_lr(x)).cpu().numpy()) / 2)
+            shifted.append(np.mean([pipe.encode_semantic(v).cpu().numpy() for v in shifted_views(x)], axis=0))
+    out = {"voxels": vols[:, union].astype(np.float32), "latent": np.concatenate(latents),
+           "y_sem": np.concatenate(codes)}
+    if views:
+        out |= {"y_sem_mirror": np.concatenate(mirrored), "y_sem_shift": np.concatenate(shifted)}
+    return out
 
 
 def markdown(result: dict) -> str:
@@ -96,7 +124,11 @@ def markdown(result: dict) -> str:
         f"{t} {m['n_rows']}" for t, m in first.items()) + ".", "Trivial predictor (training-fold mean / class prior), same folds: " + ", ".join(
         f"{t} {HEADLINE[result['kinds'][t]]} {v:.3f}" for t, v in result["trivial"].items()) + ".", "",
         "voxels = the model-ready image (inside the union of the brain masks), latent = its autoencoder "
-        "latent, y_sem = the semantic code, roi = regional volumes of a native-space segmentation.", ""]
+        "latent, y_sem = the semantic code, roi = regional volumes of a native-space segmentation."]
+    if "y_sem_mirror" in result["features"]:
+        lines += ["y_sem_mirror = the mean of y_sem of the image and of its left-right mirror (about the template "
+                  "midline); y_sem_shift = the mean of y_sem over the image and its six one-voxel shifts."]
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -116,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="at most this many subjects (tests)")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--views", action="store_true", help="also y_sem averaged over test-time views: with the "
+                    "left-right mirror (y_sem_mirror), over one-voxel shifts (y_sem_shift)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = ap.parse_args(argv)
 
@@ -143,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped: only {len(labels)} subjects with an image{' and ROI volumes' if roi else ''}")
         return 0
     t0 = time.time()
-    feats = image_features(args.data, labels, mb.pipeline, tuple(mb.config.image_shape), args.batch_size)
+    feats = image_features(args.data, labels, mb.pipeline, tuple(mb.config.image_shape), args.batch_size,
+                           views=args.views)
     if roi:
         cols = [c for c in next(iter(roi.values())) if c != "participant_id"]
         feats["roi"] = np.array([[float(roi[s][c]) for c in cols] for s in labels])

@@ -73,12 +73,17 @@ def test_training_exports_a_bundle_and_resumes(synth, tmp_path):
     assert mb.metadata["intensity"]["bias_correction"] is None
     assert (out / "report" / "loss_curves.png").exists()
 
-    # more stage-2 steps: continues from step 3, the autoencoder is not retrained
+    # more stage-2 steps: continues from step 3, the autoencoder is not retrained. Records of steps that ran
+    # after the last checkpoint of an interrupted run (here two made-up ones and a line cut short) are dropped
+    # on resume: those steps run again and are logged once.
     n_before = len(records(out))
+    with (out / "logs" / "train.jsonl").open("a") as fh:
+        fh.write('{"stage": "ldae", "step": 4, "loss": 99.0}\n{"stage": "ldae", "step": 5, "loss": 99.0}\n{"sta')
     run_cli(base + ["--ldae-steps", "6"])
     new = records(out)[n_before:]
     assert new and all(r["stage"] == "ldae" for r in new)
     assert [r["step"] for r in new if "loss" in r] == [4, 5, 6]
+    assert 99.0 not in [r.get("loss") for r in new]
     assert json.loads((out / "state.json").read_text())["ldae_step"] == 6
 
     # more stage-1 steps once stage 2 has begun: refused (stage 2's cached latents came from these weights)

@@ -31,6 +31,29 @@ class JsonlLogger:
             with self.path.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
 
+    def rewind(self, steps: dict[str, int]) -> int:
+        """Drop the records of ``stage`` logged after ``steps[stage]`` (the checkpoint's step): steps that ran
+        after the last checkpoint of an interrupted run run again on resume and would be logged twice.
+        Returns how many records were dropped."""
+        if not (self.enabled and self.path.is_file()):
+            return 0
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        kept = []
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by the interruption
+                continue
+            stage = rec.get("stage")
+            if stage in steps and int(rec.get("step", 0)) > steps[stage]:
+                continue
+            kept.append(line)
+        if len(kept) != len(lines):
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(k + "\n" for k in kept))
+            os.replace(tmp, self.path)
+        return len(lines) - len(kept)
+
 
 def rng_for(seed: int, *keys: int) -> np.random.Generator:
     """A numpy generator determined by (seed, keys): batches are reproducible across resumes."""

@@ -16,7 +16,8 @@ in one output folder::
     report/*.png          loss curves, reconstructions, samples
     bundle/               the exported model bundle
 
-Rerunning the same command resumes from the last checkpoint.
+Rerunning the same command resumes from the last checkpoint; the log records of steps after it are dropped
+(those steps run again).
 """
 
 from __future__ import annotations
@@ -210,6 +211,11 @@ def run_training(settings: TrainSettings) -> Path | None:
         store = mdata.VolumeStore(train_paths, settings.model.image_shape)
         val_store = mdata.VolumeStore(val_paths, settings.model.image_shape) if val_paths else None
         state = ckpt.read_state(settings.output)
+        dropped = logger.rewind({"ae": int(state.get("ae_step", 0)), "ldae": int(state.get("ldae_step", 0)),
+                                 "decoder": int(state.get("dec_step", 0))})
+        if dropped:
+            log.info("resuming: %d log records after the last checkpoint dropped from logs/train.jsonl "
+                     "(those steps run again)", dropped)
         weights = init.pipeline if init else None
         ae = train_autoencoder(settings, dist, store, val_store, state, logger, init=weights)
         latents, val_latents, scale = prepare_latents(settings, dist, ae, store, val_store, state)

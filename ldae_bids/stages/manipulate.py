@@ -11,6 +11,7 @@ re-encoded image shows, to compare with the change asked).
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,25 @@ def output_name(probe) -> str:
     return "log-odds" if len(probe.classes) == 2 else "logit minus the mean logit"
 
 
+@functools.lru_cache(maxsize=64)
+def _load_probe(path: str, mtime_ns: int, size: int):
+    from ldae_bids.analysis.probe import load_probe
+
+    return load_probe(path)
+
+
+def read_probe(path: Path):
+    """The probe saved at ``path``, read once per run rather than once per subject (every subject's resume key
+    needs it); a changed file (another stat) is read again."""
+    from ldae_bids.analysis.probe import load_probe
+
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return load_probe(path)  # raises the one-line error of a missing probe file
+    return _load_probe(str(path), st.st_mtime_ns, st.st_size)
+
+
 def probe_paths(settings) -> list[Path]:
     if settings.probe:
         return list(settings.probe)
@@ -64,11 +84,10 @@ class ManipulateStage(Stage):
     default = False
 
     def parameters(self, settings) -> dict[str, Any]:
-        from ldae_bids.analysis.probe import load_probe
         from ldae_bids.state import digest
 
         paths = probe_paths(settings)
-        targets = {p: load_probe(p).target for p in paths}
+        targets = {p: read_probe(p).target for p in paths}
         if clash := first_clash(paths, lambda p: target_label(targets[p])):
             raise UsageError(f"{clash[1]}: its target names the same manipulate outputs as {clash[0]}'s "
                              f"(desc-manip{target_name(targets[clash[1]])}...): give one of them (--probe)")
@@ -80,7 +99,6 @@ class ManipulateStage(Stage):
         import pandas as pd
         import torch
 
-        from ldae_bids.analysis.probe import load_probe
         from ldae_bids.reports.figures import image_rows
 
         pipe = ctx.model.pipeline
@@ -88,7 +106,7 @@ class ManipulateStage(Stage):
         unit_name = ctx.settings.strength_unit
         strengths = [0.0] + [a for a in ctx.settings.strengths if a != 0.0]
         cls = ctx.option("class")
-        probes = [(p, load_probe(p)) for p in probe_paths(ctx.settings)]
+        probes = [(p, read_probe(p)) for p in probe_paths(ctx.settings)]
         for ses in unit.sessions:
             data, mask, src = load_preproc(ctx, ses)
             y, ypath = load_ysem(ctx, ses)
