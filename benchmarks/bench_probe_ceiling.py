@@ -98,6 +98,26 @@ def image_features(data: Path, labels: list[str], pipe, shape, batch: int, views
     return out
 
 
+def paired_to_y_sem(fits: dict, n_boot: int, seed: int) -> dict[str, dict]:
+    """Paired difference of each representation's headline metric minus y_sem's: the same rows, folds and
+    subject-bootstrap draws (for MAE a negative difference favours the other representation)."""
+    from ldae_bids.analysis.metrics import evaluate, subject_bootstrap_weights
+
+    if "y_sem" not in fits or n_boot <= 0:
+        return {}
+    ref = fits["y_sem"]
+    key = HEADLINE[ref.kind]
+    out = {}
+    for name, res in fits.items():
+        if name == "y_sem" or not np.array_equal(res.row_index, ref.row_index):
+            continue
+        _, deltas = evaluate((key,), ref.y, {name: res.models["probe"].oof, "y_sem": ref.models["probe"].oof},
+                             subject_bootstrap_weights(ref.groups, n_boot, seed), reference=name)
+        d = deltas[f"{name}-y_sem"][key]
+        out[name] = {"value": d.value, "ci_low": d.low, "ci_high": d.high}
+    return out
+
+
 def markdown(result: dict) -> str:
     lines = [
         "# What a linear probe reads from each representation (issue 5)", "",
@@ -107,8 +127,9 @@ def markdown(result: dict) -> str:
         f"subject-grouped CV, seed {result['seed']}, the same folds for every row; 95% subject-bootstrap "
         f"intervals ({result['n_boot']} draws). Probe: the app's `fit_probe` (ridge / logistic regression, "
         "regularisation chosen inside the training folds).", "",
-        "| features | dimensions | " + " | ".join(f"{t} {HEADLINE[k]}" for t, k in result["kinds"].items()) + " |",
-        "|---|---|" + "---|" * len(result["kinds"]),
+        "| features | dimensions | " + " | ".join(f"{t} {HEADLINE[k]} | {t}: minus y_sem (paired)"
+                                                for t, k in result["kinds"].items()) + " |",
+        "|---|---|" + "---|---|" * len(result["kinds"]),
     ]
     for name in FEATURES:
         row = result["features"].get(name)
@@ -118,6 +139,8 @@ def markdown(result: dict) -> str:
         for target in result["kinds"]:
             m = row["targets"].get(target)
             cells.append("n/a" if m is None else f"{m['value']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]")
+            d = (m or {}).get("minus_y_sem")
+            cells.append("" if d is None else f"{d['value']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]")
         lines.append(f"| {name} | {row['dim']:,} | " + " | ".join(cells) + " |")
     first = result["features"][next(iter(result["features"]))]["targets"]
     lines += ["", "Rows with the target (the others are dropped): " + ", ".join(
@@ -148,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="at most this many subjects (tests)")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--features", nargs="+", choices=FEATURES, default=None,
+                    help="probe only these representations (default: all; y_sem is the paired reference)")
     ap.add_argument("--views", action="store_true", help="also y_sem averaged over test-time views: with the "
                     "left-right mirror (y_sem_mirror), over one-voxel shifts (y_sem_shift)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
@@ -191,12 +216,14 @@ def main(argv: list[str] | None = None) -> int:
               "data": str(args.data), "n_subjects": len(labels), "n_splits": args.n_splits, "n_boot": args.n_boot,
               "seed": args.seed, "environment": {"machine": platform.machine(), "torch": torch.__version__},
               "kinds": {}, "trivial": {}, "features": {}}
+    feats = {k: v for k, v in feats.items() if not args.features or k in args.features}
     for target in args.targets:
         y = [people[s].get(target) for s in labels]
+        fits = {}
         for name, X in feats.items():
             t = time.time()
-            res = fit_probe(X, y, groups, n_splits=args.n_splits, seed=args.seed, n_boot=args.n_boot,
-                            target=target, feature_name=name)
+            res = fits[name] = fit_probe(X, y, groups, n_splits=args.n_splits, seed=args.seed, n_boot=args.n_boot,
+                                         target=target, feature_name=name)
             key = HEADLINE[res.kind]
             est = res.metrics[key]
             result["kinds"][target] = res.kind
@@ -206,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
                                       "n_rows": res.n_rows, "seconds": round(time.time() - t, 1)}
             print(f"{target} from {name} ({X.shape[1]}): {key} {est.value:.3f} [{est.low:.3f}, {est.high:.3f}]",
                   flush=True)
+        for name, delta in paired_to_y_sem(fits, args.n_boot, args.seed).items():
+            result["features"][name]["targets"][target]["minus_y_sem"] = delta
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "probe_ceiling.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "probe_ceiling.md").write_text(markdown(result))

@@ -6,6 +6,7 @@ import json
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 
 def test_every_representation_is_probed_in_the_same_folds(tmp_path):
@@ -46,6 +47,10 @@ def test_every_representation_is_probed_in_the_same_folds(tmp_path):
     assert feats["voxels"]["targets"]["age"]["value"] < 0.3 * res["trivial"]["age"]
     assert feats["roi"]["targets"]["age"]["value"] > 0.6 * res["trivial"]["age"]
     assert "| voxels | 512 |" in (out / "probe_ceiling.md").read_text()
+    # paired to y_sem on the same draws: the difference of the two point values
+    d = feats["voxels"]["targets"]["age"]["minus_y_sem"]
+    assert d["value"] == pytest.approx(feats["voxels"]["targets"]["age"]["value"] - feats["y_sem"]["targets"]["age"]["value"])
+    assert "minus_y_sem" not in feats["y_sem"]["targets"]["age"]
 
 
 def test_skips_without_data(tmp_path, capsys):
@@ -53,3 +58,33 @@ def test_skips_without_data(tmp_path, capsys):
 
     assert load_benchmark("bench_probe_ceiling").main(["--data", str(tmp_path / "none"), "--out", str(tmp_path)]) == 0
     assert "skipped" in capsys.readouterr().out
+
+
+def test_views_and_paired_differences_to_y_sem(tmp_path):
+    import torch
+
+    from conftest import load_benchmark
+
+    bench = load_benchmark("bench_probe_ceiling")
+    # the mirror maps crop index i to 78 - i (the template midline in the compact crop): an image symmetric
+    # that way is unchanged, everywhere but the last index (rolled in from the other side)
+    x = torch.rand(1, 1, 80, 3, 2)
+    x = (x + x[:, :, torch.arange(78, -2, -1).clamp(0, 79)]) / 2
+    x[:, :, 79] = 0
+    m = bench.mirror_lr(x)
+    assert torch.allclose(m[:, :, :79], x[:, :, :79])
+    assert len(bench.shifted_views(x)) == 7
+
+    # paired differences: the same rows and draws, reference y_sem
+    from ldae_bids.analysis.probe import fit_probe
+
+    rng = np.random.default_rng(1)
+    age = rng.uniform(20, 80, 40)
+    groups = np.array([f"s{i}" for i in range(40)])
+    good = np.c_[age + rng.normal(0, 2, 40), rng.normal(size=(40, 3))]
+    fits = {name: fit_probe(X, age, groups, n_splits=4, n_boot=200, target="age", feature_name=name)
+            for name, X in (("y_sem", rng.normal(size=(40, 4))), ("roi", good))}
+    d = bench.paired_to_y_sem(fits, 200, 0)["roi"]
+    mae = {k: f.metrics["mae"].value for k, f in fits.items()}
+    assert d["value"] == pytest.approx(mae["roi"] - mae["y_sem"])
+    assert d["ci_high"] < 0  # the informative features beat noise, on the same draws

@@ -409,3 +409,39 @@ def test_export_only_exports_the_folder_given(synth, tmp_path):
     shutil.rmtree(first)
     run_cli([str(synth), "-o", str(copy), "--preset", "tiny", "--export-only", "--bundle", str(tmp_path / "b")])
     assert load_bundle(tmp_path / "b").metadata["training"]["ldae_steps"] == 1
+
+
+def test_learning_rate_schedules():
+    from ldae_bids.model.loop import lr_at
+
+    # warm-up, then constant
+    assert lr_at(1.0, 0, 1000, warmup=100) == pytest.approx(0.01)
+    assert lr_at(1.0, 99, 1000) == lr_at(1.0, 999, 1000) == 1.0
+    # cosine: full rate after the warm-up, half way at mid-stage, the floor at the planned end (and after it)
+    assert lr_at(1.0, 500, 1000, "cosine") == pytest.approx(0.5)
+    assert lr_at(1.0, 1000, 1000, "cosine", 0.1) == pytest.approx(0.1)
+    assert lr_at(1.0, 5000, 1000, "cosine", 0.1) == pytest.approx(0.1)
+    rates = [lr_at(1.0, s, 1000, "cosine") for s in range(100, 1001, 50)]
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+    with pytest.raises(ValueError, match="schedule"):
+        lr_at(1.0, 1, 10, "linear")
+
+
+def test_cosine_schedule_is_saved_and_logged(synth, tmp_path):
+    out = tmp_path / "cos"
+    base = [str(synth), "-o", str(out), "--preset", "tiny", "--threads", "1", "--ae-steps", "2",
+            "--ae-full-volume-steps", "0", "--val-every", "100", "--checkpoint-every", "5",
+            "--lr-schedule", "cosine", "--lr-min-fraction", "0.2", "--ldae-lr", "1e-3"]
+    run_cli(base + ["--ldae-steps", "10"])
+    lrs = {r["step"]: r["lr"] for r in records(out) if r.get("stage") == "ldae" and "lr" in r}
+    from ldae_bids.model.loop import lr_at
+
+    # the step-10 record holds the rate used by the last step (index 9)
+    assert lrs[10] == pytest.approx(lr_at(1e-3, 9, 10, "cosine", 0.2))
+    from ldae_bids.model.train import load_settings
+
+    saved = load_settings(out).train
+    assert (saved.lr_schedule, saved.lr_min_fraction, saved.ldae_lr) == ("cosine", 0.2, 1e-3)
+    result = CliRunner().invoke(__import__("ldae_bids.cli.train", fromlist=["app"]).app,
+                                base + ["--ldae-steps", "10", "--lr-schedule", "step"])
+    assert result.exit_code == 64 and "--lr-schedule must be constant or cosine" in result.output

@@ -43,6 +43,13 @@ def train(
     ldae_weight_cap: Annotated[Optional[float], typer.Option(
         help="Stage-2 loss weight clip(1/SNR(t), 1, CAP): scores high-noise steps on their x0 error, where "
              "only y_sem tells subjects apart; 1 = plain epsilon loss.")] = None,
+    ldae_lr: Annotated[Optional[float], typer.Option(help="Stage-2 learning rate (after the warm-up).")] = None,
+    lr_schedule: Annotated[Optional[str], typer.Option(
+        help="Learning rate after the 100-step warm-up, in every stage: constant, or cosine (a half cosine down to "
+             "--lr-min-fraction x the rate at the stage's last planned step: --ldae-steps for stage 2; set the "
+             "steps to what a time budget allows).")] = None,
+    lr_min_fraction: Annotated[Optional[float], typer.Option(
+        help="With --lr-schedule cosine: the final rate as a fraction of the stage's rate.")] = None,
     decoder_steps: Annotated[Optional[int], typer.Option(
         help="Decoder refinement after stage 2: steps training the autoencoder's decoder on whole volumes with "
              "its encoder frozen (latents and stage 2 stay valid, so a finished run can add it). 0 = off.")] = None,
@@ -84,7 +91,8 @@ def train(
     overrides = {k: v for k, v in dict(
         ae_steps=ae_steps, ae_full_volume_steps=ae_full_volume_steps, ldae_steps=ldae_steps,
         ae_max_minutes=ae_max_minutes, ldae_max_minutes=ldae_max_minutes, ae_batch_size=ae_batch_size, ldae_batch_size=ldae_batch_size,
-        ldae_weight_cap=ldae_weight_cap, decoder_steps=decoder_steps, decoder_max_minutes=decoder_max_minutes,
+        ldae_weight_cap=ldae_weight_cap, ldae_lr=ldae_lr, lr_schedule=lr_schedule, lr_min_fraction=lr_min_fraction,
+        decoder_steps=decoder_steps, decoder_max_minutes=decoder_max_minutes,
         decoder_batch_size=decoder_batch_size, decoder_lr=decoder_lr, decoder_ssim_weight=decoder_ssim_weight,
         val_fraction=val_fraction, seed=seed,
         checkpoint_every=checkpoint_every, val_every=val_every).items() if v is not None}
@@ -110,6 +118,14 @@ def train(
             raise UsageError(f"--precision must be {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}")
         if bias_correction not in ("none", "n4"):
             raise UsageError("--bias-correction must be none or n4")
+        from ldae_bids.model.loop import LR_SCHEDULES
+
+        if lr_schedule is not None and lr_schedule not in LR_SCHEDULES:
+            raise UsageError(f"--lr-schedule must be {' or '.join(LR_SCHEDULES)}")
+        if lr_min_fraction is not None and not 0 <= lr_min_fraction <= 1:
+            raise UsageError("--lr-min-fraction must be in [0, 1]")
+        if ldae_lr is not None and not ldae_lr > 0:
+            raise UsageError("--ldae-lr must be positive")
         if decoder_steps is not None and decoder_steps < 0:
             raise UsageError("--decoder-steps must be 0 or more")
         if decoder_batch_size is not None and decoder_batch_size < 1:

@@ -203,6 +203,10 @@ class TrainConfig:
     ldae_weight_cap: float = 1.0
     ema_decay: float = 0.999
     grad_clip: float = 1.0
+    # learning rate after the warm-up, in every stage: constant, or a half cosine to lr_min_fraction x the stage's
+    # rate at its last planned step (ae_steps + ae_full_volume_steps, ldae_steps, decoder_steps)
+    lr_schedule: str = "constant"
+    lr_min_fraction: float = 0.0
     # bookkeeping
     checkpoint_every: int = 200
     log_every: int = 10

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -92,10 +93,29 @@ def autocast(device: torch.device):
     return precision_autocast(device, precision(device))
 
 
-def set_lr(opt: torch.optim.Optimizer, base: float, step: int, warmup: int = 100) -> None:
-    """Linear warm-up over ``warmup`` steps, then constant (stateless, so resumes need nothing)."""
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_at(base: float, step: int, total: int, schedule: str = "constant", min_fraction: float = 0.0,
+          warmup: int = 100) -> float:
+    """Learning rate of ``step`` (0-based) of a stage planned for ``total`` steps: linear warm-up over ``warmup``
+    steps, then constant, or (``cosine``) a half cosine from ``base`` at the start to ``base * min_fraction`` at
+    step ``total``. A function of the step alone, so a resumed run (or every DDP rank) gets the same rates."""
+    rate = base * min(1.0, (step + 1) / warmup)
+    if schedule == "cosine" and total > 0:
+        progress = min(1.0, max(0.0, step / total))
+        rate *= min_fraction + (1.0 - min_fraction) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown learning-rate schedule {schedule!r} ({', '.join(LR_SCHEDULES)})")
+    return rate
+
+
+def set_lr(opt: torch.optim.Optimizer, base: float, step: int, total: int = 0, schedule: str = "constant",
+           min_fraction: float = 0.0, warmup: int = 100) -> None:
+    """Set every parameter group's rate to :func:`lr_at` (stateless, so resumes need nothing)."""
+    rate = lr_at(base, step, total, schedule, min_fraction, warmup)
     for group in opt.param_groups:
-        group["lr"] = base * min(1.0, (step + 1) / warmup)
+        group["lr"] = rate
 
 
 def adapt_threads(enabled: bool) -> None:

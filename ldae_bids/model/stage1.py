@@ -127,7 +127,7 @@ def train_autoencoder(settings, dist, store, val_store, state, logger, init=None
         if not full:
             x = mdata.random_patches(x, tc.ae_patch_size, rng)
         x = x.to(device)
-        loop.set_lr(opt_g, tc.ae_lr, step)
+        loop.set_lr(opt_g, tc.ae_lr, step, total, tc.lr_schedule, tc.lr_min_fraction)
         adv = disc is not None and step >= tc.adv_start
         with loop.autocast(device):
             recon, z_mu, z_sigma = model(x)
@@ -154,7 +154,7 @@ def train_autoencoder(settings, dist, store, val_store, state, logger, init=None
         step += 1
         if step % tc.log_every == 0 or step == total:
             loop.adapt_threads(settings.auto_threads)
-            logger(stage="ae", step=step, loss=float(loss.detach()), full_volume=full,
+            logger(stage="ae", step=step, loss=float(loss.detach()), full_volume=full, lr=opt_g.param_groups[0]["lr"],
                    sec_per_step=round((time.time() - t0) / tc.log_every, 3), **parts)
             t0 = time.time()
         if dist.is_main and (step % tc.val_every == 0 or step == total):
@@ -226,7 +226,7 @@ def train_decoder(settings, dist, store, val_store, ae, latents, scale, state, l
         idx = rng.integers(0, len(store), tc.decoder_batch_size)
         x = store.batch(idx).to(device)
         z = (latents[torch.as_tensor(idx)] / scale).to(device)
-        loop.set_lr(opt, tc.decoder_lr, step)
+        loop.set_lr(opt, tc.decoder_lr, step, tc.decoder_steps, tc.lr_schedule, tc.lr_min_fraction)
         with loop.autocast(device):
             recon = model(z)
         recon = recon.float()
@@ -245,7 +245,7 @@ def train_decoder(settings, dist, store, val_store, ae, latents, scale, state, l
         step += 1
         if step % tc.log_every == 0 or step == total:
             loop.adapt_threads(settings.auto_threads)
-            logger(stage="decoder", step=step, loss=float(loss.detach()),
+            logger(stage="decoder", step=step, loss=float(loss.detach()), lr=opt.param_groups[0]["lr"],
                    sec_per_step=round((time.time() - t0) / tc.log_every, 3), **parts)
             t0 = time.time()
         if dist.is_main and (step % tc.val_every == 0 or step == total):

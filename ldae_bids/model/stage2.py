@@ -209,7 +209,7 @@ def train_ldae(settings, dist, store, val_store, ae, latents, scale, state, logg
         noise = torch.randn(z0.shape, generator=gen).to(device)
         t = torch.randint(0, scheduler.num_train_timesteps, (z0.shape[0],), generator=gen).to(device)
         noisy = scheduler.add_noise(z0, noise, t)
-        loop.set_lr(opt, tc.ldae_lr, step)
+        loop.set_lr(opt, tc.ldae_lr, step, tc.ldae_steps, tc.lr_schedule, tc.lr_min_fraction)
         with loop.autocast(device):
             eps = model(images, noisy, t)
         weights = high_noise_weights(scheduler.alphas_cumprod, t, tc.ldae_weight_cap) if tc.ldae_weight_cap > 1 else None
@@ -223,7 +223,7 @@ def train_ldae(settings, dist, store, val_store, ae, latents, scale, state, logg
         if step % tc.log_every == 0 or step == total:
             loop.adapt_threads(settings.auto_threads)
             logger(stage="ldae", step=step, loss=float(loss.detach()), grad_norm=float(gnorm),
-                   sec_per_step=round((time.time() - t0) / tc.log_every, 3))
+                   lr=opt.param_groups[0]["lr"], sec_per_step=round((time.time() - t0) / tc.log_every, 3))
             t0 = time.time()
         if step % tc.val_every == 0 or step % tc.checkpoint_every == 0 or step == total:
             # y_sem standardised with the EMA encoder's own statistics before it is validated or saved
