@@ -125,13 +125,16 @@ def test_ddp_two_processes_gloo(synth, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), "-m", "ldae_bids.cli.train", str(synth), "-o", str(out),
            "--preset", "tiny", "--device", "cpu", "--ae-steps", "3", "--ae-full-volume-steps", "1",
-           "--ldae-steps", "3", "--checkpoint-every", "2", "--val-every", "100"]
+           "--ldae-steps", "3", "--checkpoint-every", "2", "--val-every", "100",
+           # a wall-clock budget ends the decoder refinement: the ranks must agree on the step it ends at
+           "--decoder-steps", "100000", "--decoder-max-minutes", "0.002"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = json.loads((out / "state.json").read_text())
     assert state["ae_step"] == 4 and state["ldae_step"] == 3 and state["stage"] == "done"
+    assert 0 < state["dec_step"] < 100000
     assert (out / "bundle" / "model.safetensors").exists()
-    losses = [r for r in records(out) if "loss" in r]
+    losses = [r for r in records(out) if "loss" in r and r["stage"] != "decoder"]
     assert len(losses) == 7  # one logger (rank 0) only
 
 

@@ -51,6 +51,17 @@ def barrier(info: DistInfo) -> None:
         torch.distributed.barrier()
 
 
+def any_rank(info: DistInfo, flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any (a collective: every rank must call it at the same
+    point). Decisions from wall-clock time (a time budget) differ between ranks by a step now and then; a rank
+    that leaves the loop alone would leave the others waiting in their next all-reduce."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=info.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
 def wrap(module: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     """DistributedDataParallel around ``module`` when running distributed, else ``module``."""
     if not info.enabled:

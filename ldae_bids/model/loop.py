@@ -135,6 +135,16 @@ def elapsed_minutes(earlier_seconds: float, start: float) -> float:
     return (earlier_seconds + time.time() - start) / 60
 
 
+def over_budget(dist, earlier_seconds: float, start: float, minutes: float | None) -> bool:
+    """Whether a stage has spent its wall-clock budget (``minutes``, None = no budget); under DDP every rank gets
+    the same answer (one small all-reduce per call, only when there is a budget)."""
+    if not minutes:
+        return False
+    from ldae_bids.model import distributed
+
+    return distributed.any_rank(dist, elapsed_minutes(earlier_seconds, start) > minutes)
+
+
 def checkpoint_all(settings, dist, stage, modules, optimizers, state) -> None:
     """Checkpoint on the main process, then wait for every process."""
     from ldae_bids.model.distributed import barrier

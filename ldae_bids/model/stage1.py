@@ -107,7 +107,7 @@ def train_autoencoder(settings, dist, store, val_store, state, logger, init=None
     t0 = start = time.time()
     seconds0 = state.get("ae_seconds", 0.0)
     while step < total:
-        if tc.ae_max_minutes and loop.elapsed_minutes(seconds0, start) > tc.ae_max_minutes \
+        if loop.over_budget(dist, seconds0, start, tc.ae_max_minutes) \
                 and (tc.ae_patch_size is None or step < patch_end):
             # time budget spent: end the patch phase now (whole-volume phase still runs)
             patch_end = step if tc.ae_patch_size else patch_end
@@ -216,7 +216,7 @@ def train_decoder(settings, dist, store, val_store, ae, latents, scale, state, l
     t0 = start = time.time()
     seconds0 = state.get("dec_seconds", 0.0)
     while step < total:
-        if tc.decoder_max_minutes and loop.elapsed_minutes(seconds0, start) > tc.decoder_max_minutes:
+        if loop.over_budget(dist, seconds0, start, tc.decoder_max_minutes):
             total = step
             log.info("decoder: time budget reached at step %d", step)
             loop.save_progress(settings, dist, "dec", "decoder", modules, {"decoder": opt}, state, step,

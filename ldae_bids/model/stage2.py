@@ -194,7 +194,7 @@ def train_ldae(settings, dist, store, val_store, ae, latents, scale, state, logg
     t0 = start = time.time()
     seconds0 = state.get("ldae_seconds", 0.0)
     while step < total:
-        if tc.ldae_max_minutes and loop.elapsed_minutes(seconds0, start) > tc.ldae_max_minutes:
+        if loop.over_budget(dist, seconds0, start, tc.ldae_max_minutes):
             total = step
             log.info("ldae: time budget reached at step %d", step)
             calibrate_semantic(ema.module.semantic_encoder, store, device)
