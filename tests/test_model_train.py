@@ -448,3 +448,16 @@ def test_cosine_schedule_is_saved_and_logged(synth, tmp_path):
     result = CliRunner().invoke(__import__("ldae_bids.cli.train", fromlist=["app"]).app,
                                 base + ["--ldae-steps", "10", "--lr-schedule", "step"])
     assert result.exit_code == 64 and "--lr-schedule must be constant or cosine" in result.output
+
+
+def test_over_budget_single_process():
+    import time
+
+    from ldae_bids.model.distributed import DistInfo
+    from ldae_bids.model.loop import over_budget
+
+    one = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    now = time.time()
+    assert not over_budget(one, 0.0, now, None)  # no budget
+    assert not over_budget(one, 0.0, now, 1.0)
+    assert over_budget(one, 120.0, now, 1.0)  # two minutes spent by earlier calls on the folder
