@@ -38,9 +38,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+# y_sem_mirror, y_sem_shift: y_sem averaged over test-time views of the image (--views), the left-right mirror
+# about the template's midline and one-voxel shifts along each axis
 FEATURES = ("voxels", "latent", "y_sem", "y_sem_mirror", "y_sem_shift", "roi")
-# test-time views of the image for the y_sem averages (--views): the left-right mirror about the template's
-# midline, and one-voxel shifts along each axis
+HEADLINE = {"regression": "mae", "classification": "auroc"}
 
 
 def mirror_lr(x):
@@ -59,7 +60,6 @@ def shifted_views(x):
     import torch
 
     return [x] + [torch.roll(x, shifts=d, dims=a) for a in (2, 3, 4) for d in (-1, 1)]
-HEADLINE = {"regression": "mae", "classification": "auroc"}
 
 
 def read_table(path: Path) -> dict[str, dict[str, str]]:

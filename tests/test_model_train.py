@@ -445,8 +445,9 @@ def test_cosine_schedule_is_saved_and_logged(synth, tmp_path):
 
     saved = load_settings(out).train
     assert (saved.lr_schedule, saved.lr_min_fraction, saved.ldae_lr) == ("cosine", 0.2, 1e-3)
-    result = CliRunner().invoke(__import__("ldae_bids.cli.train", fromlist=["app"]).app,
-                                base + ["--ldae-steps", "10", "--lr-schedule", "step"])
+    from ldae_bids.cli.train import app
+
+    result = CliRunner().invoke(app, base + ["--ldae-steps", "10", "--lr-schedule", "step"])
     assert result.exit_code == 64 and "--lr-schedule must be constant or cosine" in result.output
 
 

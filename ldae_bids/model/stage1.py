@@ -107,8 +107,9 @@ def train_autoencoder(settings, dist, store, val_store, state, logger, init=None
     t0 = start = time.time()
     seconds0 = state.get("ae_seconds", 0.0)
     while step < total:
-        if loop.over_budget(dist, seconds0, start, tc.ae_max_minutes) \
-                and (tc.ae_patch_size is None or step < patch_end):
+        # the phase test first (the same on every rank): no budget all-reduce once the patch phase has ended
+        if (tc.ae_patch_size is None or step < patch_end) \
+                and loop.over_budget(dist, seconds0, start, tc.ae_max_minutes):
             # time budget spent: end the patch phase now (whole-volume phase still runs)
             patch_end = step if tc.ae_patch_size else patch_end
             total = step + full_steps if tc.ae_patch_size else step
