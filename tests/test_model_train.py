@@ -64,6 +64,8 @@ def test_training_exports_a_bundle_and_resumes(synth, tmp_path):
     run_cli(base + ["--ldae-steps", "3"])
     state = json.loads((out / "state.json").read_text())
     assert state["stage"] == "done" and state["ae_step"] == 5 and state["ldae_step"] == 3
+    phases = {r["step"]: r["full_volume"] for r in records(out) if r.get("stage") == "ae" and "full_volume" in r}
+    assert phases == {1: False, 2: False, 3: False, 4: False, 5: True}  # 4 crop steps, then 1 whole-volume step
     split = json.loads((out / "split.json").read_text())
     assert len(split["validation"]) == 1 and not set(split["train"]) & set(split["validation"])
     mb = load_bundle(out / "bundle")
@@ -174,14 +176,18 @@ def test_init_from_bundle_fine_tunes(synth, tmp_path):
     assert all(torch.equal(a[k], c[k]) for k in ae_keys)
     assert json.loads((second / "state.json").read_text())["ldae_step"] == 3
 
-    # no steps at all: the bundle is re-exported as it was (e.g. under another name or licence)
+    # no steps at all: the bundle is re-exported as it was (e.g. under another name or licence), y_sem's
+    # standardisation included (carried, not recalibrated), also in another precision than it was trained in
     third = tmp_path / "third"
     run_cli([str(synth), "-o", str(third), *common, "--ae-steps", "0", "--ae-patch-size", "0", "--ldae-steps", "0",
-             "--init-from", str(first / "bundle"), "--bundle-name", "renamed", "--licence", "CC0-1.0"])
+             "--init-from", str(first / "bundle"), "--bundle-name", "renamed", "--licence", "CC0-1.0",
+             "--precision", "fp32"])
     same = load_bundle(third / "bundle")
     d = load_file(str(third / "bundle" / "model.safetensors"))
     assert same.name == "renamed" and same.metadata["licence"] == "CC0-1.0"
-    assert all(torch.equal(a[k], d[k]) for k in a if ".out_norm." not in k)
+    assert any(".out_norm." in k for k in a) and all(torch.equal(a[k], d[k]) for k in a)
+    # latents encoded in fp32 in both runs (the re-export's autoencoder is the bundle's float16-rounded weights)
+    assert same.metadata["latent_scale"] == pytest.approx(old.metadata["latent_scale"], rel=2e-3)
 
 
 def test_init_from_bundle_with_other_semantic_encoder_carries_the_rest(synth, tmp_path):
@@ -317,15 +323,28 @@ def test_training_under_cpu_bf16_autocast(synth, tmp_path, monkeypatch, caplog, 
     from ldae_bids.model.bundle import load_bundle
     from ldae_bids.model.pipeline import LdaePipeline
 
+    from ldae_bids.model import stage2
+
     monkeypatch.setattr(loop, "_PRECISION", None)  # the run sets it; restored after the test
-    dtypes, validation = set(), []
+    dtypes, validation, latent_dtypes = set(), [], set()
     real = torch.nn.Conv3d._conv_forward
     real_autocast = LdaePipeline.autocast
+    real_encode_all = stage2.encode_all
+    caching = []
 
     def spy(self, x, weight, bias):
         out = real(self, x, weight, bias)
-        dtypes.add(out.dtype)
+        (latent_dtypes if caching else dtypes).add(out.dtype)
         return out
+
+    def encode_all(*args, **kwargs):
+        caching.append(True)
+        try:
+            return real_encode_all(*args, **kwargs)
+        finally:
+            caching.pop()
+
+    monkeypatch.setattr(stage2, "encode_all", encode_all)
 
     def pipeline_autocast(self):
         ctx = real_autocast(self)
@@ -341,6 +360,7 @@ def test_training_under_cpu_bf16_autocast(synth, tmp_path, monkeypatch, caplog, 
                  "--precision", precision])
     assert f"precision: {precision} on cpu (--precision {precision})" in caplog.text
     assert dtypes == {getattr(torch, {"bf16": "bfloat16", "fp32": "float32"}[precision])}
+    assert latent_dtypes == {torch.float32}  # stage 2's cached latents: float32 whatever the precision
     # the validation pipeline follows the run's precision (autocast in bf16, none in fp32)
     assert validation and set(validation) == {"autocast" if precision == "bf16" else "nullcontext"}
     mb = load_bundle(out / "bundle")
@@ -462,3 +482,95 @@ def test_over_budget_single_process():
     assert not over_budget(one, 0.0, now, None)  # no budget
     assert not over_budget(one, 0.0, now, 1.0)
     assert over_budget(one, 120.0, now, 1.0)  # two minutes spent by earlier calls on the folder
+
+
+def test_step_plan_fits_the_budget_and_is_kept_on_resume(monkeypatch):
+    from ldae_bids.model import loop
+    from ldae_bids.model.distributed import DistInfo
+
+    one = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    clock = {"t": 0.0}
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: clock["t"])
+    state: dict = {}
+    plan = loop.StepPlan("ldae", state, minutes=1.0, enabled=True, limit=100_000, step=0)
+    assert plan.pending and plan.total == 100_000
+    total = None
+    for step in range(1, 26):  # 0.1 s per step; 2.5 s of the 60 s budget spent after 25 steps
+        clock["t"] += 0.1
+        total = plan.observe(one, step, spent_seconds=clock["t"])
+    # 0.95 x 57.5 s left at 0.1 s per step: 546 more steps after step 25
+    assert total == 25 + int(0.95 * 57.5 / 0.1) and not plan.pending
+    assert state["ldae_plan"] == {"minutes": 1.0, "steps": total, "sec_per_step": pytest.approx(0.1)}
+    # a resumed call with the same budget keeps the plan (the same learning-rate curve); another budget plans anew;
+    # the steps asked cap the plan; no budget or no flag: the steps asked
+    again = loop.StepPlan("ldae", state, 1.0, True, 100_000, step=300)
+    assert not again.pending and again.total == total
+    assert loop.StepPlan("ldae", state, 2.0, True, 100_000, step=300).pending
+    assert loop.StepPlan("ldae", state, 1.0, True, 400, step=300).total == 400
+    assert loop.StepPlan("ldae", {}, None, True, 50, step=0).total == 50
+    assert not loop.StepPlan("ldae", {}, 1.0, False, 50, step=0).pending
+
+
+def test_steps_from_budget_plans_the_cosine_to_end_with_the_budget(synth, tmp_path):
+    from ldae_bids.model.loop import lr_at
+
+    out = tmp_path / "plan"
+    run_cli([str(synth), "-o", str(out), "--preset", "tiny", "--threads", "1", "--ae-patch-size", "0",
+             "--ae-steps", "100000", "--ae-max-minutes", "0.04", "--ae-ssim-weight", "0.5", "--ae-lr", "1e-3",
+             "--ldae-steps", "100000", "--ldae-max-minutes", "0.04", "--ldae-lr", "1e-3",
+             "--lr-schedule", "cosine", "--lr-min-fraction", "0.05", "--steps-from-budget",
+             "--val-every", "100000", "--checkpoint-every", "100000"])
+    state = json.loads((out / "state.json").read_text())
+    for name, stage, last in (("ae", "ae", state["ae_step"]), ("ldae", "ldae", state["ldae_step"])):
+        plan = state[f"{name}_plan"]
+        assert plan["minutes"] == 0.04 and 25 < plan["steps"] < 100_000
+        assert last <= plan["steps"]  # the plan ends the phase (or the budget, when later steps ran slower)
+        lrs = {r["step"]: r["lr"] for r in records(out) if r.get("stage") == stage and "lr" in r}
+        # once planned, every rate follows the cosine to the planned end (the record of step s holds step s-1's)
+        for s, rate in lrs.items():
+            if s > 25:
+                assert rate == pytest.approx(lr_at(1e-3, s - 1, plan["steps"], "cosine", 0.05))
+    assert [r for r in records(out) if r.get("stage") == "ae" and "ssim" in r]  # the SSIM term was on
+    from ldae_bids.model.bundle import load_bundle
+
+    training = load_bundle(out / "bundle").metadata["training"]
+    assert training["step_plans"]["ldae"] == state["ldae_plan"]
+    assert training["ldae_steps_planned"] == state["ldae_plan"]["steps"]
+
+
+def test_autoencoder_ssim_loss_is_the_reported_ssim():
+    from ldae_bids.metrics import ssim
+    from ldae_bids.model.losses import AutoencoderLoss
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 1, 12, 12, 12, generator=g)
+    recon = (x + 0.2 * torch.randn(x.shape, generator=g)).requires_grad_(True)
+    mu, sigma = torch.zeros(2, 2, 3, 3, 3), torch.ones(2, 2, 3, 3, 3)
+    total, parts = AutoencoderLoss(kl_weight=0.0, ssim_weight=0.5)(recon, x, mu, sigma)
+    clamped = recon.detach().clamp(0, 1).numpy()
+    reported = np.mean([ssim(clamped[i, 0], x.numpy()[i, 0]) for i in range(2)])
+    assert parts["ssim"] == pytest.approx(1.0 - float(reported), abs=1e-5)
+    assert parts["l1"] > 0 and float(total.detach()) == pytest.approx(parts["l1"] + 0.5 * parts["ssim"], rel=1e-5)
+    total.backward()
+    assert recon.grad is not None and recon.grad.abs().sum() > 0
+
+
+def test_ae_options_are_checked(synth, tmp_path):
+    from ldae_bids.cli.train import app
+
+    for args, message in ((["--ae-lr", "0"], "--ae-lr must be positive"),
+                          (["--ae-ssim-weight", "-1"], "--ae-ssim-weight must be 0 or more")):
+        result = CliRunner().invoke(app, [str(synth), "-o", str(tmp_path / "x"), "--preset", "tiny", *args])
+        assert result.exit_code == 64 and message in result.output
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_volumes_are_placed_on_the_gpu(synth):
+    from ldae_bids.model import data as mdata
+
+    store = mdata.VolumeStore(mdata.find_images([synth]), (16, 16, 16))
+    assert not mdata.place([store], "cpu")
+    assert mdata.place([store, None], "cuda")
+    batch = store.batch([0, 1])
+    assert batch.is_cuda and batch.dtype == torch.float32 and batch.shape == (2, 1, 16, 16, 16)

@@ -39,6 +39,10 @@ def train(
         help="Wall-clock budget of stage 1 (then the whole-volume phase runs).")] = None,
     ldae_max_minutes: Annotated[Optional[float], typer.Option(help="Wall-clock budget of stage 2.")] = None,
     ae_batch_size: Annotated[Optional[int], typer.Option(help="Stage-1 batch per process.")] = None,
+    ae_lr: Annotated[Optional[float], typer.Option(help="Stage-1 learning rate (after the warm-up).")] = None,
+    ae_ssim_weight: Annotated[Optional[float], typer.Option(
+        help="Weight of (1 - SSIM) next to L1 in stage 1 (the reported whole-volume SSIM of the clamped "
+             "output); 0 = off.")] = None,
     ldae_batch_size: Annotated[Optional[int], typer.Option(help="Stage-2 batch per process.")] = None,
     ldae_weight_cap: Annotated[Optional[float], typer.Option(
         help="Stage-2 loss weight clip(1/SNR(t), 1, CAP): scores high-noise steps on their x0 error, where "
@@ -50,6 +54,11 @@ def train(
              "steps to what a time budget allows).")] = None,
     lr_min_fraction: Annotated[Optional[float], typer.Option(
         help="With --lr-schedule cosine: the final rate as a fraction of the stage's rate.")] = None,
+    steps_from_budget: Annotated[Optional[bool], typer.Option(
+        "--steps-from-budget/--no-steps-from-budget",
+        help="Plan each phase that has a --*-max-minutes budget to end with it: its step count from the speed "
+             "of its first steps (the steps given cap it), so --lr-schedule cosine reaches its floor when the "
+             "budget ends. Stage 1 only on whole volumes (--ae-patch-size 0).")] = None,
     decoder_steps: Annotated[Optional[int], typer.Option(
         help="Decoder refinement after stage 2: steps training the autoencoder's decoder on whole volumes with "
              "its encoder frozen (latents and stage 2 stay valid, so a finished run can add it). 0 = off.")] = None,
@@ -91,6 +100,7 @@ def train(
     overrides = {k: v for k, v in dict(
         ae_steps=ae_steps, ae_full_volume_steps=ae_full_volume_steps, ldae_steps=ldae_steps,
         ae_max_minutes=ae_max_minutes, ldae_max_minutes=ldae_max_minutes, ae_batch_size=ae_batch_size, ldae_batch_size=ldae_batch_size,
+        ae_lr=ae_lr, ssim_weight=ae_ssim_weight, steps_from_budget=steps_from_budget,
         ldae_weight_cap=ldae_weight_cap, ldae_lr=ldae_lr, lr_schedule=lr_schedule, lr_min_fraction=lr_min_fraction,
         decoder_steps=decoder_steps, decoder_max_minutes=decoder_max_minutes,
         decoder_batch_size=decoder_batch_size, decoder_lr=decoder_lr, decoder_ssim_weight=decoder_ssim_weight,
@@ -126,6 +136,10 @@ def train(
             raise UsageError("--lr-min-fraction must be in [0, 1]")
         if ldae_lr is not None and not ldae_lr > 0:
             raise UsageError("--ldae-lr must be positive")
+        if ae_lr is not None and not ae_lr > 0:
+            raise UsageError("--ae-lr must be positive")
+        if ae_ssim_weight is not None and ae_ssim_weight < 0:
+            raise UsageError("--ae-ssim-weight must be 0 or more")
         if decoder_steps is not None and decoder_steps < 0:
             raise UsageError("--decoder-steps must be 0 or more")
         if decoder_batch_size is not None and decoder_batch_size < 1:

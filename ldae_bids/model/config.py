@@ -207,6 +207,9 @@ class TrainConfig:
     # rate at its last planned step (ae_steps + ae_full_volume_steps, ldae_steps, decoder_steps)
     lr_schedule: str = "constant"
     lr_min_fraction: float = 0.0
+    # plan each phase that has a wall-clock budget to end with it (loop.StepPlan): its step count from the speed of
+    # its first steps, so that a decaying schedule reaches its floor when the budget ends; the steps asked cap it
+    steps_from_budget: bool = False
     # bookkeeping
     checkpoint_every: int = 200
     log_every: int = 10

@@ -86,7 +86,7 @@ def grid_of(path: Path, template: str) -> dict:
 
 
 class VolumeStore:
-    """Volumes held in memory as float16 tensors (1, D, H, W), loaded once."""
+    """Volumes held in memory as float16 tensors (1, D, H, W), loaded once (on the GPU when they fit: :func:`place`)."""
 
     def __init__(self, paths: list[Path], shape: tuple[int, ...]):
         self.paths = list(paths)
@@ -95,8 +95,16 @@ class VolumeStore:
     def __len__(self) -> int:
         return len(self.volumes)
 
+    def nbytes(self) -> int:
+        return sum(v.numel() * v.element_size() for v in self.volumes)
+
+    def to(self, device) -> "VolumeStore":
+        """Hold the volumes on ``device`` (a GPU: batches are then stacked there, with no host copy per step)."""
+        self.volumes = [v.to(device) for v in self.volumes]
+        return self
+
     def batch(self, indices) -> torch.Tensor:
-        """(B, 1, D, H, W) float32 batch of the given indices."""
+        """(B, 1, D, H, W) float32 batch of the given indices, on the store's device."""
         return torch.stack([self.volumes[int(i)].float() for i in indices])
 
 
@@ -108,3 +116,18 @@ def random_patches(images: torch.Tensor, size: tuple[int, int, int], rng: np.ran
         sl = tuple(slice(a, a + p) for a, p in zip(starts, size))
         out.append(img[(slice(None), *sl)])
     return torch.stack(out)
+
+
+def place(stores, device, fraction: float = 0.25) -> bool:
+    """Move the training (and validation) volumes onto a CUDA ``device`` when together they take at most ``fraction``
+    of its free memory, so each step's batch is stacked on the GPU (no host stacking and copy per step). Returns
+    whether they moved; on the CPU, or when they do not fit, they stay in host memory."""
+    stores = [s for s in stores if s is not None]
+    if torch.device(device).type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    if sum(s.nbytes() for s in stores) > fraction * free:
+        return False
+    for s in stores:
+        s.to(device)
+    return True

@@ -62,6 +62,16 @@ def any_rank(info: DistInfo, flag: bool) -> bool:
     return bool(t.item() > 0)
 
 
+def min_rank(info: DistInfo, value: int) -> int:
+    """The smallest of ``value`` over the ranks (a collective, like :func:`any_rank`): one number every rank
+    agrees on, e.g. the planned length of a training stage."""
+    if not info.enabled:
+        return int(value)
+    t = torch.tensor([float(value)], device=info.device, dtype=torch.float64)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return int(t.item())
+
+
 def wrap(module: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     """DistributedDataParallel around ``module`` when running distributed, else ``module``."""
     if not info.enabled:

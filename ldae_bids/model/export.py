@@ -79,8 +79,11 @@ def export_bundle(settings, bundle: Path | None = None) -> Path:
             "split": {"seed": split["seed"], "train": split["train"], "validation": split["validation"]},
             "ae_steps": state.get("ae_step"), "ldae_steps": state.get("ldae_step"),
             "decoder_steps": state.get("dec_step", 0),
-            "ae_steps_planned": settings.train.ae_steps + settings.train.ae_full_volume_steps,
-            "ldae_steps_planned": settings.train.ldae_steps,
+            "ae_steps_planned": state.get("ae_plan", {}).get(
+                "steps", settings.train.ae_steps + settings.train.ae_full_volume_steps),
+            "ldae_steps_planned": state.get("ldae_plan", {}).get("steps", settings.train.ldae_steps),
+            # --steps-from-budget: each phase's budget, planned steps and measured seconds per step
+            "step_plans": {k[:-5]: v for k, v in state.items() if k.endswith("_plan")},
             "train_config": settings.train.to_dict(),
             "final_train_loss": losses,
             "init_from": _init_record(settings.init_from, settings.model),

@@ -145,6 +145,50 @@ def over_budget(dist, earlier_seconds: float, start: float, minutes: float | Non
     return distributed.any_rank(dist, elapsed_minutes(earlier_seconds, start) > minutes)
 
 
+class StepPlan:
+    """``--steps-from-budget``: the length of a training phase planned from its wall-clock budget.
+
+    A learning-rate schedule that decays (``cosine``) needs the phase's last step in advance, but with a time
+    budget only the time is known (a GPU run of a few minutes). The plan times steps ``SKIP`` to
+    ``SKIP + TIMED`` of a call (after allocation, cuDNN autotuning and the first validation-free steps), then
+    sets the phase's last step to where the rest of the budget runs out at that speed, at most the steps asked
+    (``limit``). The plan is kept in the checkpoint state (``<name>_plan``: the budget and the steps), so a
+    resumed call with the same budget continues the same curve; a call with another budget plans again. Under
+    DDP the ranks take the smallest plan. The budget still ends the phase if it runs slower than planned.
+    """
+
+    SKIP, TIMED = 5, 20
+    MARGIN = 0.95  # of the remaining budget: validations and checkpoints are not in the timed steps
+
+    def __init__(self, name: str, state: dict, minutes: float | None, enabled: bool, limit: int, step: int):
+        self.key, self.state, self.minutes = f"{name}_plan", state, minutes
+        self.total, self.first, self.t_skip = int(limit), int(step), None
+        saved = state.get(self.key)
+        self.pending = bool(enabled and minutes) and step < limit
+        if self.pending and saved and float(saved.get("minutes", -1)) == float(minutes):
+            self.total, self.pending = min(int(limit), int(saved["steps"])), False
+
+    def observe(self, dist, step: int, spent_seconds: float) -> int:
+        """Call after each step with the phase's seconds over all calls so far; returns the phase's last step."""
+        if not self.pending:
+            return self.total
+        done = step - self.first
+        if done == self.SKIP:
+            self.t_skip = time.perf_counter()
+        elif done == self.SKIP + self.TIMED and self.t_skip is not None:
+            from ldae_bids.model import distributed
+
+            per_step = (time.perf_counter() - self.t_skip) / self.TIMED
+            remaining = self.MARGIN * max(0.0, float(self.minutes) * 60.0 - spent_seconds)
+            planned = distributed.min_rank(dist, min(self.total, step + int(remaining / max(per_step, 1e-6))))
+            self.total, self.pending = max(step, planned), False
+            self.state[self.key] = {"minutes": float(self.minutes), "steps": self.total,
+                                    "sec_per_step": round(per_step, 4)}
+            log.info("%s: %.3f s per step; %d steps fit the %.1f-minute budget (--steps-from-budget)",
+                     self.key[:-5], per_step, self.total, float(self.minutes))
+        return self.total
+
+
 def checkpoint_all(settings, dist, stage, modules, optimizers, state) -> None:
     """Checkpoint on the main process, then wait for every process."""
     from ldae_bids.model.distributed import barrier

@@ -19,22 +19,24 @@ class AutoencoderLoss:
     ----------
     kl_weight, ssim_weight, adv_weight
         Weights of the KL, (1 - SSIM) and least-squares adversarial terms (L1 has weight 1).
+
+    The SSIM term is ``1 -`` the mean of :func:`ldae_bids.metrics.ssim_map_tensor` on the output clamped to
+    [0, 1]: the SSIM that validation and the benchmarks report, as in the decoder refinement (MONAI's
+    ``SSIMLoss`` with a 7-voxel window, and the unclamped output, both lowered the reported SSIM there: the
+    decoder then fights a negative background; docs/model.md).
     """
 
     def __init__(self, kl_weight: float = 1e-7, ssim_weight: float = 0.0, adv_weight: float = 0.0):
         self.kl_weight, self.ssim_weight, self.adv_weight = kl_weight, ssim_weight, adv_weight
-        self._ssim = None
-        if ssim_weight > 0:
-            from monai.losses import SSIMLoss
-
-            self._ssim = SSIMLoss(spatial_dims=3, data_range=1.0, win_size=7)
 
     def __call__(self, recon, target, z_mu, z_sigma, disc_fake_logits=None) -> tuple[torch.Tensor, dict]:
         recon, target = recon.float(), target.float()
         parts = {"l1": F.l1_loss(recon, target), "kl": kl_loss(z_mu.float(), z_sigma.float())}
         total = parts["l1"] + self.kl_weight * parts["kl"]
-        if self._ssim is not None:
-            parts["ssim"] = self._ssim(recon, target)
+        if self.ssim_weight > 0:
+            from ldae_bids.metrics import ssim_map_tensor
+
+            parts["ssim"] = 1.0 - ssim_map_tensor(recon.clamp(0.0, 1.0), target).mean()
             total = total + self.ssim_weight * parts["ssim"]
         if disc_fake_logits is not None and self.adv_weight > 0:
             parts["adv"] = generator_adversarial_loss(disc_fake_logits)

@@ -81,6 +81,12 @@ def train_autoencoder(settings, dist, store, val_store, state, logger, init=None
     full_steps = tc.ae_full_volume_steps if tc.ae_patch_size else 0
     patch_end = int(state.get("ae_patch_end", tc.ae_steps))
     total = int(state.get("ae_end", patch_end + full_steps))
+    # --steps-from-budget plans stage 1 on whole volumes throughout (with crops, the budget ends the crop phase and a
+    # fixed number of whole-volume steps follows: nothing to plan); the steps asked cap the plan, which the state
+    # keeps for resumed calls with the same budget (another budget plans again)
+    planning = tc.steps_from_budget and tc.ae_patch_size is None and bool(tc.ae_max_minutes)
+    if planning and "latent_scale" not in state:
+        total = patch_end = tc.ae_steps
     step = int(state.get("ae_step", 0))
     saved = (settings.output / "ae-weights.safetensors").exists()
     if step > 0 or saved:
@@ -100,6 +106,12 @@ def train_autoencoder(settings, dist, store, val_store, state, logger, init=None
             state.update(stage="ae", ae_step=0, ae_end=0)
             loop.checkpoint_all(settings, dist, "ae", modules, optimizers, state)
         return ae
+    plan = loop.StepPlan("ae", state, tc.ae_max_minutes, planning, total, step)
+    if planning:
+        total = patch_end = plan.total
+    if tc.steps_from_budget and tc.ae_patch_size is not None and tc.ae_max_minutes:
+        log.info("autoencoder: --steps-from-budget does not plan the crop phase (its budget ends it; whole-volume "
+                 "steps follow)")
     model = wrap(ae, dist)
     dmodel = wrap(disc, dist) if disc is not None else None
     loss_fn = AutoencoderLoss(tc.kl_weight, tc.ssim_weight, tc.adv_weight)
@@ -153,6 +165,10 @@ def train_autoencoder(settings, dist, store, val_store, state, logger, init=None
             opt_d.step()
             parts["disc"] = float(d_loss.detach())
         step += 1
+        if plan.pending:
+            total = patch_end = plan.observe(dist, step, seconds0 + time.time() - start)
+            if not plan.pending:
+                state.update(ae_patch_end=patch_end, ae_end=total)
         if step % tc.log_every == 0 or step == total:
             loop.adapt_threads(settings.auto_threads)
             logger(stage="ae", step=step, loss=float(loss.detach()), full_volume=full, lr=opt_g.param_groups[0]["lr"],
@@ -212,6 +228,8 @@ def train_decoder(settings, dist, store, val_store, ae, latents, scale, state, l
     ae.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
+    plan = loop.StepPlan("dec", state, tc.decoder_max_minutes, tc.steps_from_budget, total, step)
+    total = plan.total
     model = wrap(_Decoder(ae), dist)
     ae.train()
     t0 = start = time.time()
@@ -227,7 +245,7 @@ def train_decoder(settings, dist, store, val_store, ae, latents, scale, state, l
         idx = rng.integers(0, len(store), tc.decoder_batch_size)
         x = store.batch(idx).to(device)
         z = (latents[torch.as_tensor(idx)] / scale).to(device)
-        loop.set_lr(opt, tc.decoder_lr, step, tc.decoder_steps, tc.lr_schedule, tc.lr_min_fraction)
+        loop.set_lr(opt, tc.decoder_lr, step, total, tc.lr_schedule, tc.lr_min_fraction)
         with loop.autocast(device):
             recon = model(z)
         recon = recon.float()
@@ -244,6 +262,7 @@ def train_decoder(settings, dist, store, val_store, ae, latents, scale, state, l
         torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
         opt.step()
         step += 1
+        total = plan.observe(dist, step, seconds0 + time.time() - start)
         if step % tc.log_every == 0 or step == total:
             loop.adapt_threads(settings.auto_threads)
             logger(stage="decoder", step=step, loss=float(loss.detach()), lr=opt.param_groups[0]["lr"],

@@ -32,13 +32,14 @@ class Stage2(nn.Module):
 
 @torch.no_grad()
 def encode_all(ae: nn.Module, store, device, batch: int = 2) -> torch.Tensor:
-    """Unscaled posterior-mean latents of every volume of ``store`` (CPU tensor)."""
+    """Unscaled posterior-mean latents of every volume of ``store`` (CPU tensor), in float32 whatever the run's
+    precision: they are stage 2's training data and give the latent scale, which then does not depend on
+    ``--precision`` (under bf16 it came out 1.1375 instead of 1.1364 for the same autoencoder and images)."""
     ae.eval()
     out = []
     for i in range(0, len(store), batch):
         x = store.batch(range(i, min(i + batch, len(store)))).to(device)
-        with loop.autocast(device):
-            out.append(ae.encode(x)[0].float().cpu())
+        out.append(ae.encode(x)[0].float().cpu())
     return torch.cat(out)
 
 
@@ -182,22 +183,29 @@ def train_ldae(settings, dist, store, val_store, ae, latents, scale, state, logg
         log.info("%s: its semantic encoder differs from the %s preset's; that network starts fresh, the "
                  "autoencoder and the denoiser are carried", settings.init_from, settings.preset)
     if step >= total:
-        calibrate_semantic(ema.module.semantic_encoder, store, device)
+        # the y_sem statistics are the last checkpoint's (calibrated when it was saved) or the carried bundle's:
+        # recalibrating unchanged weights would only recompute them (in this run's precision); fresh weights need them
+        if step == 0 and "semantic_encoder" not in carried:
+            calibrate_semantic(ema.module.semantic_encoder, store, device)
         if step == 0 and init is not None:  # --ldae-steps 0: the carried networks, checkpointed for export
             loop.save_progress(settings, dist, "ldae", "ldae", modules, {"ldae": opt}, state, 0,
                                state.get("ldae_seconds", 0.0))
         return ema.module
+    plan = loop.StepPlan("ldae", state, tc.ldae_max_minutes, tc.steps_from_budget, total, step)
+    total = plan.total
     model = wrap(stage2, dist)
     scheduler = build_scheduler(model_cfg.scheduler)
     ae.eval().requires_grad_(False)
     stage2.train()
     t0 = start = time.time()
     seconds0 = state.get("ldae_seconds", 0.0)
+    first = step
     while step < total:
         if loop.over_budget(dist, seconds0, start, tc.ldae_max_minutes):
             total = step
             log.info("ldae: time budget reached at step %d", step)
-            calibrate_semantic(ema.module.semantic_encoder, store, device)
+            if step > first or (step == 0 and "semantic_encoder" not in carried):  # else the statistics stand
+                calibrate_semantic(ema.module.semantic_encoder, store, device)
             loop.save_progress(settings, dist, "ldae", "ldae", modules, {"ldae": opt}, state, step,
                                seconds0 + time.time() - start)
             break
@@ -209,7 +217,7 @@ def train_ldae(settings, dist, store, val_store, ae, latents, scale, state, logg
         noise = torch.randn(z0.shape, generator=gen).to(device)
         t = torch.randint(0, scheduler.num_train_timesteps, (z0.shape[0],), generator=gen).to(device)
         noisy = scheduler.add_noise(z0, noise, t)
-        loop.set_lr(opt, tc.ldae_lr, step, tc.ldae_steps, tc.lr_schedule, tc.lr_min_fraction)
+        loop.set_lr(opt, tc.ldae_lr, step, total, tc.lr_schedule, tc.lr_min_fraction)
         with loop.autocast(device):
             eps = model(images, noisy, t)
         weights = high_noise_weights(scheduler.alphas_cumprod, t, tc.ldae_weight_cap) if tc.ldae_weight_cap > 1 else None
@@ -220,6 +228,7 @@ def train_ldae(settings, dist, store, val_store, ae, latents, scale, state, logg
         opt.step()
         ema.update(stage2, step)
         step += 1
+        total = plan.observe(dist, step, seconds0 + time.time() - start)
         if step % tc.log_every == 0 or step == total:
             loop.adapt_threads(settings.auto_threads)
             logger(stage="ldae", step=step, loss=float(loss.detach()), grad_norm=float(gnorm),

@@ -210,6 +210,10 @@ def run_training(settings: TrainSettings) -> Path | None:
                  len(train_paths), len(split["train"]), len(val_paths), len(split["validation"]))
         store = mdata.VolumeStore(train_paths, settings.model.image_shape)
         val_store = mdata.VolumeStore(val_paths, settings.model.image_shape) if val_paths else None
+        on_device = mdata.place([store, val_store], dist.device)
+        if on_device:
+            log.info("training volumes held on %s (%.0f MB)", dist.device,
+                     sum(s.nbytes() for s in (store, val_store) if s is not None) / 2**20)
         state = ckpt.read_state(settings.output)
         dropped = logger.rewind({"ae": int(state.get("ae_step", 0)), "ldae": int(state.get("ldae_step", 0)),
                                  "decoder": int(state.get("dec_step", 0))})
@@ -219,6 +223,8 @@ def run_training(settings: TrainSettings) -> Path | None:
         weights = init.pipeline if init else None
         ae = train_autoencoder(settings, dist, store, val_store, state, logger, init=weights)
         latents, val_latents, scale = prepare_latents(settings, dist, ae, store, val_store, state)
+        if on_device:
+            latents = latents.to(dist.device)
         if dist.is_main:
             ckpt.write_state(settings.output, state)
         train_ldae(settings, dist, store, val_store, ae, latents, scale, state, logger, init=weights)

@@ -139,6 +139,12 @@ class Stage:
         """Settings that change this stage's outputs (enter the resume key and sidecars)."""
         return {}
 
+    def precision_matters(self, settings: "Settings") -> bool:
+        """Whether this run's outputs depend on ``--precision``: it then enters the resume key and the sidecars
+        (``GeneratedBy.Precision``). Stages that need the model, or declare ``uses_precision``; a stage may narrow
+        it by its settings (``preprocess`` with ``--derivatives`` runs no network)."""
+        return self.needs_model or self.uses_precision
+
     def preflight(self, ctx: StageContext) -> None:
         """Check what the whole run needs (a template, a probe file), once, before the first unit to do.
 

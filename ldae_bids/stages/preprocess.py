@@ -24,6 +24,10 @@ class PreprocessStage(Stage):
     def parameters(self, settings) -> dict[str, Any]:
         return {"derivatives": [str(p) for p in settings.derivatives]}
 
+    def precision_matters(self, settings) -> bool:
+        """With ``--derivatives`` no network runs (the images are only resampled and normalised)."""
+        return not settings.derivatives
+
     def preflight(self, ctx: StageContext) -> None:
         """The template is needed by every subject: a missing one stops the run once (exit 66)."""
         if not ctx.settings.derivatives:
