@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import lzma
+import re
 import sys
 from pathlib import Path
 
@@ -28,6 +29,13 @@ sys.path.insert(0, str(HERE.parent))
 
 LEVELS = 255
 SUFFIX = "_desc-preproc_T1w.nii.gz"
+LABEL = re.compile(r"[A-Za-z0-9]+")  # BIDS labels: the only names unpack writes under its output folder
+
+
+def _check_labels(labels: list[str], where: Path) -> None:
+    bad = [label for label in labels if not LABEL.fullmatch(str(label))]
+    if bad:
+        raise SystemExit(f"train_kit: {where}: subject label {bad[0]!r} is not a BIDS label (letters and digits)")
 
 
 def quantise(volume: np.ndarray) -> np.ndarray:
@@ -43,6 +51,7 @@ def pack(data: Path, out: Path, limit: int | None = None) -> dict:
 
     paths = find_images([data])[:limit]
     subjects = [subject_of(p) for p in paths]
+    _check_labels(subjects, data)
     if len(set(subjects)) != len(subjects):
         raise SystemExit(f"train_kit: {data}: more than one image per subject; pack one session per subject")
     first = nib.load(str(paths[0]))
@@ -67,6 +76,7 @@ def unpack(kit: Path, out: Path) -> list[Path]:
     import nibabel as nib
 
     index = json.loads((kit / "index.json").read_text())
+    _check_labels(index["subjects"], kit / "index.json")
     shape, n = tuple(index["shape"]), len(index["subjects"])
     raw = lzma.decompress((kit / "images.xz").read_bytes())
     size = int(np.prod(shape))

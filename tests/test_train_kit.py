@@ -58,3 +58,15 @@ def test_pack_refuses_mixed_grids_and_a_truncated_kit(tmp_path):
     (tmp_path / "kit2" / "index.json").write_text(json.dumps(index))
     with pytest.raises(SystemExit, match="bytes for 3 images"):
         kit.unpack(tmp_path / "kit2", tmp_path / "out")
+
+
+def test_unpack_writes_only_bids_labels_under_its_folder(tmp_path):
+    kit = load_benchmark("train_kit")
+    _model_ready(tmp_path / "ok", ["A01"])
+    kit.pack(tmp_path / "ok", tmp_path / "kit")
+    index = json.loads((tmp_path / "kit" / "index.json").read_text())
+    index["subjects"] = ["../../escape"]
+    (tmp_path / "kit" / "index.json").write_text(json.dumps(index))
+    with pytest.raises(SystemExit, match="not a BIDS label"):
+        kit.unpack(tmp_path / "kit", tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.parent.glob("escape*"))
