@@ -20,6 +20,10 @@ Usage::
 
     python benchmarks/bench_probe_ceiling.py --data /work/cache/ixi-preproc --bids ../shared/data/ixi \\
         [--bundle BUNDLE] [--targets age sex] [--n-boot 1000] [--out benchmarks/results]
+
+``--compare-data DIR --compare-label n4`` adds the voxels, latent and y_sem of a second set of model-ready images
+of the same subjects (e.g. preprocessed with N4 bias-field correction), with paired differences to the same
+representation of ``--data``: what a preprocessing choice changes in what a linear probe can read.
 """
 
 from __future__ import annotations
@@ -98,24 +102,29 @@ def image_features(data: Path, labels: list[str], pipe, shape, batch: int, views
     return out
 
 
-def paired_to_y_sem(fits: dict, n_boot: int, seed: int) -> dict[str, dict]:
-    """Paired difference of each representation's headline metric minus y_sem's: the same rows, folds and
-    subject-bootstrap draws (for MAE a negative difference favours the other representation)."""
+def paired(fits: dict, pairs: list[tuple[str, str]], n_boot: int, seed: int) -> dict[str, dict]:
+    """Paired differences of the headline metric, ``name`` minus ``reference`` for each ``(name, reference)``: the
+    same rows, folds and subject-bootstrap draws (for MAE a negative difference favours ``name``)."""
     from ldae_bids.analysis.metrics import evaluate, subject_bootstrap_weights
 
-    if "y_sem" not in fits or n_boot <= 0:
-        return {}
-    ref = fits["y_sem"]
-    key = HEADLINE[ref.kind]
     out = {}
-    for name, res in fits.items():
-        if name == "y_sem" or not np.array_equal(res.row_index, ref.row_index):
+    if n_boot <= 0:
+        return out
+    for name, reference in pairs:
+        res, ref = fits.get(name), fits.get(reference)
+        if res is None or ref is None or not np.array_equal(res.row_index, ref.row_index):
             continue
-        _, deltas = evaluate((key,), ref.y, {name: res.models["probe"].oof, "y_sem": ref.models["probe"].oof},
+        key = HEADLINE[ref.kind]
+        _, deltas = evaluate((key,), ref.y, {name: res.models["probe"].oof, reference: ref.models["probe"].oof},
                              subject_bootstrap_weights(ref.groups, n_boot, seed), reference=name)
-        d = deltas[f"{name}-y_sem"][key]
+        d = deltas[f"{name}-{reference}"][key]
         out[name] = {"value": d.value, "ci_low": d.low, "ci_high": d.high}
     return out
+
+
+def paired_to_y_sem(fits: dict, n_boot: int, seed: int) -> dict[str, dict]:
+    """Paired difference of each representation's headline metric minus y_sem's (see :func:`paired`)."""
+    return paired(fits, [(name, "y_sem") for name in fits if name != "y_sem" and ":" not in name], n_boot, seed)
 
 
 def markdown(result: dict) -> str:
@@ -131,10 +140,7 @@ def markdown(result: dict) -> str:
                                                 for t, k in result["kinds"].items()) + " |",
         "|---|---|" + "---|---|" * len(result["kinds"]),
     ]
-    for name in FEATURES:
-        row = result["features"].get(name)
-        if row is None:
-            continue
+    for name, row in result["features"].items():
         cells = []
         for target in result["kinds"]:
             m = row["targets"].get(target)
@@ -148,6 +154,21 @@ def markdown(result: dict) -> str:
         f"{t} {HEADLINE[result['kinds'][t]]} {v:.3f}" for t, v in result["trivial"].items()) + ".", "",
         "voxels = the model-ready image (inside the union of the brain masks), latent = its autoencoder "
         "latent, y_sem = the semantic code, roi = regional volumes of a native-space segmentation."]
+    compare = result.get("compare")
+    if compare:
+        lines += ["", f"`NAME:{compare['label']}` rows: the same representation of the images in `{compare['data']}` "
+                  f"(the same subjects, folds and draws), against the images of `--data`:", "",
+                  "| features | " + " | ".join(f"{t}: {compare['label']} minus --data (paired)"
+                                                for t in result["kinds"]) + " |",
+                  "|---|" + "---|" * len(result["kinds"])]
+        for name, row in result["features"].items():
+            if ":" not in name:
+                continue
+            cells = []
+            for target in result["kinds"]:
+                d = (row["targets"].get(target) or {}).get("minus_base")
+                cells.append("" if d is None else f"{d['value']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if "y_sem_mirror" in result["features"]:
         lines += ["y_sem_mirror = the mean of y_sem of the image and of its left-right mirror (about the template "
                   "midline); y_sem_shift = the mean of y_sem over the image and its six one-voxel shifts."]
@@ -175,8 +196,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="probe only these representations (default: all; y_sem is the paired reference)")
     ap.add_argument("--views", action="store_true", help="also y_sem averaged over test-time views: with the "
                     "left-right mirror (y_sem_mirror), over one-voxel shifts (y_sem_shift)")
+    ap.add_argument("--compare-data", type=Path, default=None,
+                    help="model-ready images of the same subjects made another way (e.g. bench_preprocess.py "
+                    "--bias-correction n4 --save-dir): voxels, latent and y_sem of these too, as rows NAME:LABEL, "
+                    "with paired differences to the same representation of --data")
+    ap.add_argument("--compare-label", default="compare", help="LABEL of the --compare-data rows")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = ap.parse_args(argv)
+    if ":" in args.compare_label or not args.compare_label:
+        ap.error("--compare-label must be a non-empty name without ':'")
 
     import torch
 
@@ -196,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     mb = load_bundle(bundle_path, device="cpu")
     people = read_table(participants)
     roi = read_table(roi_path) if roi_path.is_file() else {}
-    labels = sorted(s for s in people if (args.data / f"sub-{s}_desc-preproc_T1w.nii.gz").is_file()
+    datasets = [args.data] + ([args.compare_data] if args.compare_data else [])
+    labels = sorted(s for s in people if all((d / f"sub-{s}_desc-preproc_T1w.nii.gz").is_file() for d in datasets)
                     and (not roi or s in roi))[: args.limit]
     if len(labels) < 2 * args.n_splits:
         print(f"skipped: only {len(labels)} subjects with an image{' and ROI volumes' if roi else ''}")
@@ -204,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     feats = image_features(args.data, labels, mb.pipeline, tuple(mb.config.image_shape), args.batch_size,
                            views=args.views)
+    if args.compare_data:
+        other = image_features(args.compare_data, labels, mb.pipeline, tuple(mb.config.image_shape),
+                               args.batch_size)
+        feats |= {f"{k}:{args.compare_label}": v for k, v in other.items()}
     if roi:
         cols = [c for c in next(iter(roi.values())) if c != "participant_id"]
         feats["roi"] = np.array([[float(roi[s][c]) for c in cols] for s in labels])
@@ -216,7 +249,9 @@ def main(argv: list[str] | None = None) -> int:
               "data": str(args.data), "n_subjects": len(labels), "n_splits": args.n_splits, "n_boot": args.n_boot,
               "seed": args.seed, "environment": {"machine": platform.machine(), "torch": torch.__version__},
               "kinds": {}, "trivial": {}, "features": {}}
-    feats = {k: v for k, v in feats.items() if not args.features or k in args.features}
+    if args.compare_data:
+        result["compare"] = {"data": str(args.compare_data), "label": args.compare_label}
+    feats = {k: v for k, v in feats.items() if not args.features or k.split(":")[0] in args.features}
     for target in args.targets:
         y = [people[s].get(target) for s in labels]
         fits = {}
@@ -235,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
         for name, delta in paired_to_y_sem(fits, args.n_boot, args.seed).items():
             result["features"][name]["targets"][target]["minus_y_sem"] = delta
+        for name, delta in paired(fits, [(n, n.split(":")[0]) for n in fits if ":" in n], args.n_boot,
+                                  args.seed).items():
+            result["features"][name]["targets"][target]["minus_base"] = delta
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "probe_ceiling.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "probe_ceiling.md").write_text(markdown(result))

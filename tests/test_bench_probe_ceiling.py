@@ -88,3 +88,44 @@ def test_views_and_paired_differences_to_y_sem(tmp_path):
     mae = {k: f.metrics["mae"].value for k, f in fits.items()}
     assert d["value"] == pytest.approx(mae["roi"] - mae["y_sem"])
     assert d["ci_high"] < 0  # the informative features beat noise, on the same draws
+
+
+def test_compare_data_rows_are_paired_to_the_same_representation(tmp_path):
+    from conftest import load_benchmark, save_tiny_bundle
+    from ldae_bids.model.config import preset
+
+    bundle, grid = save_tiny_bundle(tmp_path / "bundle", {"licence": "CC0"})
+    cfg, _ = preset("tiny")
+    bids = tmp_path / "bids"
+    bids.mkdir()
+    rng = np.random.default_rng(1)
+    pattern = rng.random((8, 8, 8)).astype(np.float32)
+    people = ["participant_id\tage"]
+    for name in ("plain", "other"):
+        (tmp_path / name).mkdir()
+    for i in range(16):
+        label, age = f"S{i:02d}", 20 + 4 * i
+        people.append(f"sub-{label}\t{age}")
+        for name, signal in (("plain", age / 100), ("other", rng.random())):  # age only in the plain images
+            img = np.zeros(cfg.image_shape, np.float32)
+            img[4:12, 4:12, 4:12] = 0.2 + 0.6 * pattern * signal + 0.01 * rng.random((8, 8, 8))
+            nib.save(nib.Nifti1Image(img, np.asarray(grid.affine)),
+                     str(tmp_path / name / f"sub-{label}_desc-preproc_T1w.nii.gz"))
+    (tmp_path / "other" / "sub-S00_desc-preproc_T1w.nii.gz").unlink()  # only subjects with both images count
+    (bids / "participants.tsv").write_text("\n".join(people) + "\n")
+    out = tmp_path / "out"
+    bench = load_benchmark("bench_probe_ceiling")
+    assert bench.main(["--data", str(tmp_path / "plain"), "--compare-data", str(tmp_path / "other"),
+                       "--compare-label", "alt", "--bids", str(bids), "--bundle", str(bundle), "--targets", "age",
+                       "--features", "voxels", "y_sem", "--n-splits", "3", "--n-boot", "50", "--threads", "1",
+                       "--out", str(out)]) == 0
+    res = json.loads((out / "probe_ceiling.json").read_text())
+    assert res["n_subjects"] == 15 and res["compare"]["label"] == "alt"
+    feats = res["features"]
+    assert list(feats) == ["voxels", "y_sem", "voxels:alt", "y_sem:alt"]
+    base, alt = feats["voxels"]["targets"]["age"], feats["voxels:alt"]["targets"]["age"]
+    assert alt["value"] > 2 * base["value"]  # the other images do not carry age
+    assert alt["minus_base"]["value"] == pytest.approx(alt["value"] - base["value"])
+    assert "minus_y_sem" not in alt and "minus_base" not in base
+    md = (out / "probe_ceiling.md").read_text()
+    assert "| voxels:alt | 4,096 |" in md and "age: alt minus --data (paired)" in md  # no masks: every voxel
