@@ -12,7 +12,7 @@ Presets
     The shipped default: 2 mm MNI grid 80x96x80, latent 3x20x24x20, 512-d y_sem
     (flatten head, standardised), stage-2 loss weight cap 20, about 15 M parameters
     (29 MB as float16). Trains in minutes on one GPU, in hours on a CPU (the shipped
-    weights: 2 CPU cores, about 2.3 hours over two runs; see docs/model.md and the
+    weights: 2 CPU cores, about 10 hours over four runs; see docs/model.md and the
     bundle's metadata).
 ``paper``
     The reference configuration: 1.5 mm grid 128x160x128, autoencoder channels

@@ -57,6 +57,9 @@ def plot_losses(output: Path, target: Path) -> Path:
     pts = [(r["step"], r["val_ysem_gain"]) for r in recs if r.get("stage") == "ldae" and "val_ysem_gain" in r]
     if pts:
         axes[3].plot(*zip(*pts), marker="o", color="C3")
+    else:
+        axes[3].text(0.5, 0.5, "no stage-2 validation logged in this folder", ha="center", va="center",
+                     transform=axes[3].transAxes, fontsize=9)
     axes[3].axhline(0.0, color="0.5", lw=0.8)
     axes[3].set(title="y_sem use (validation gain; 0 = ignored)", xlabel="stage-2 step")
     fig.tight_layout()
