@@ -35,6 +35,8 @@ AE_STEPS=${AE_STEPS:-150} LDAE_STEPS=${LDAE_STEPS:-300} NPROCS=${NPROCS:-16}
 #   DEVICE=cpu SKIP_INSTALL=1 GRIDS=tiny N_SUBJECTS=10 BATCH=2 AE_STEPS=2 LDAE_STEPS=2 NPROCS=1 \
 #   bash benchmarks/gpu_session.sh run /tmp/gpu-dry
 
+TRAVEL_LIMIT=$((64 * 1024 * 1024 - 512 * 1024))  # the device tool's 64 MiB, with half a MiB to spare
+
 travelling_bytes() {  # the repository's files that travel, plus the carried folders given as arguments
     local files total d
     files=$(git ls-files -z --cached --others --exclude-standard | du -cb --files0-from=- 2>/dev/null | tail -n 1 | cut -f1)
@@ -76,15 +78,15 @@ kit() {
     cp -r "$HERE/../shared/templateflow" .kit/templateflow
     # what travels (tracked and untracked-not-ignored files + the two carried folders) must stay under 64 MiB:
     # drop carried subjects (at least 2 stay) until it fits with half a MiB to spare
-    local limit=$((64 * 1024 * 1024 - 512 * 1024)) total last
+    local total last
     total=$(travelling_bytes .whl .kit)
-    while [ "$total" -gt "$limit" ] && [ "$(tail -n +2 .kit/ixi/participants.tsv | wc -l)" -gt 2 ]; do
+    while [ "$total" -gt "$TRAVEL_LIMIT" ] && [ "$(tail -n +2 .kit/ixi/participants.tsv | wc -l)" -gt 2 ]; do
         last=$(tail -n 1 .kit/ixi/participants.tsv | cut -f1)
         rm -rf ".kit/ixi/$last" && sed -i '$d' .kit/ixi/participants.tsv
         echo "kit: $total bytes would travel; dropped $last"
         total=$(travelling_bytes .whl .kit)
     done
-    [ "$total" -le "$limit" ] || { echo "gpu_session kit: $total bytes would travel, over the limit" >&2; exit 1; }
+    [ "$total" -le "$TRAVEL_LIMIT" ] || { echo "gpu_session kit: $total bytes would travel, over the limit" >&2; exit 1; }
     echo "kit: $total bytes travel ($(tail -n +2 .kit/ixi/participants.tsv | wc -l) subjects); $(du -sh .whl | cut -f1) wheels, $(du -sh .kit | cut -f1) data; tracked files $(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1) bytes (all must stay under 64 MiB)"
 }
 
@@ -164,10 +166,10 @@ trainkit() {
     # rich, einops); the project itself travels as source (PYTHONPATH), not as a wheel
     download_wheels .trainkit/whl monai nibabel tomli_w
     ${PYTHON:-python3} benchmarks/train_kit.py pack --data "$data" --out .trainkit/data || exit 1
-    local limit=$((64 * 1024 * 1024 - 512 * 1024)) total
+    local total
     total=$(travelling_bytes .trainkit)
-    [ "$total" -le "$limit" ] || { echo "gpu_session trainkit: $total bytes would travel, over the 64 MiB limit" >&2; exit 1; }
-    echo "trainkit: $total bytes travel (limit $limit): $(du -sh .trainkit/whl | cut -f1) wheels, $(du -sh .trainkit/data | cut -f1) images"
+    [ "$total" -le "$TRAVEL_LIMIT" ] || { echo "gpu_session trainkit: $total bytes would travel, over the 64 MiB limit" >&2; exit 1; }
+    echo "trainkit: $total bytes travel (limit $TRAVEL_LIMIT): $(du -sh .trainkit/whl | cut -f1) wheels, $(du -sh .trainkit/data | cut -f1) images"
 }
 
 train() {
@@ -201,12 +203,9 @@ train() {
         *) echo "AE_MODE must be finetune or decoder"; exit 64 ;;
     esac
     # a budget of 0 means none to the training CLI: a phase given 0 minutes gets 0 steps instead
-    if python3 -c "import sys; sys.exit(float('$AE_MIN') > 0)"; then
-        stage1=(--ae-steps 0 --decoder-steps 0)
-    fi
-    if python3 -c "import sys; sys.exit(float('$LDAE_MIN') > 0)"; then
-        stage2=(--ldae-steps 0)
-    fi
+    no_minutes() { python3 -c "import sys; sys.exit(float('$1') > 0)"; }
+    if no_minutes "$AE_MIN"; then stage1=(--ae-steps 0 --decoder-steps 0); fi
+    if no_minutes "$LDAE_MIN"; then stage2=(--ldae-steps 0); fi
     timeout "$limit" python3 -m ldae_bids.cli.train "$work/images" -o "$work/run" --device "$DEVICE" \
         --init-from "$INIT_FROM" --ae-patch-size 0 "${stage1[@]}" \
         "${stage2[@]}" --ldae-batch-size "$LDAE_BATCH" --ldae-lr "$LDAE_LR" \

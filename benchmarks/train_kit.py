@@ -47,7 +47,7 @@ def pack(data: Path, out: Path, limit: int | None = None) -> dict:
     """Pack every ``*_desc-preproc_T1w.nii.gz`` under ``data`` (one per subject) into ``out``/images.xz + index.json."""
     import nibabel as nib
 
-    from ldae_bids.model.data import find_images, subject_of
+    from ldae_bids.model.data import find_images, load_volume, subject_of
 
     paths = find_images([data])[:limit]
     subjects = [subject_of(p) for p in paths]
@@ -63,7 +63,7 @@ def pack(data: Path, out: Path, limit: int | None = None) -> dict:
             img = nib.load(str(path))
             if tuple(img.shape[:3]) != shape or not np.allclose(img.affine, affine, atol=1e-4):
                 raise SystemExit(f"train_kit: {path}: grid differs from {paths[0]}")
-            fh.write(comp.compress(quantise(np.asarray(img.dataobj, dtype=np.float32)).tobytes()))
+            fh.write(comp.compress(quantise(load_volume(path, shape)).tobytes()))
         fh.write(comp.flush())
     index = {"subjects": subjects, "shape": list(shape), "affine": np.asarray(affine).tolist(), "levels": LEVELS,
              "dtype": "uint8", "source": str(data), "bytes": (out / "images.xz").stat().st_size}

@@ -182,10 +182,11 @@ def train_ldae(settings, dist, store, val_store, ae, latents, scale, state, logg
     elif init is not None and "semantic_encoder" not in carried:
         log.info("%s: its semantic encoder differs from the %s preset's; that network starts fresh, the "
                  "autoencoder and the denoiser are carried", settings.init_from, settings.preset)
+    # the y_sem statistics are the last checkpoint's (calibrated when it was saved) or the carried bundle's:
+    # recalibrating unchanged weights would only recompute them (in this run's precision); fresh weights need them
+    fresh_encoder = step == 0 and "semantic_encoder" not in carried
     if step >= total:
-        # the y_sem statistics are the last checkpoint's (calibrated when it was saved) or the carried bundle's:
-        # recalibrating unchanged weights would only recompute them (in this run's precision); fresh weights need them
-        if step == 0 and "semantic_encoder" not in carried:
+        if fresh_encoder:
             calibrate_semantic(ema.module.semantic_encoder, store, device)
         if step == 0 and init is not None:  # --ldae-steps 0: the carried networks, checkpointed for export
             loop.save_progress(settings, dist, "ldae", "ldae", modules, {"ldae": opt}, state, 0,
@@ -204,7 +205,7 @@ def train_ldae(settings, dist, store, val_store, ae, latents, scale, state, logg
         if loop.over_budget(dist, seconds0, start, tc.ldae_max_minutes):
             total = step
             log.info("ldae: time budget reached at step %d", step)
-            if step > first or (step == 0 and "semantic_encoder" not in carried):  # else the statistics stand
+            if step > first or fresh_encoder:  # else the statistics stand
                 calibrate_semantic(ema.module.semantic_encoder, store, device)
             loop.save_progress(settings, dist, "ldae", "ldae", modules, {"ldae": opt}, state, step,
                                seconds0 + time.time() - start)
