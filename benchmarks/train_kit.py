@@ -43,10 +43,20 @@ def quantise(volume: np.ndarray) -> np.ndarray:
     return np.rint(np.clip(volume, 0.0, 1.0) * LEVELS).astype(np.uint8)
 
 
-def pack(data: Path, out: Path, limit: int | None = None) -> dict:
-    """Pack every ``*_desc-preproc_T1w.nii.gz`` under ``data`` (one per subject) into ``out``/images.xz + index.json."""
+def _image(path: Path):
+    """The NIfTI image at ``path`` (header and affine), or an InputError naming the file, as ``load_volume`` does."""
     import nibabel as nib
 
+    from ldae_bids.errors import InputError
+
+    try:
+        return nib.load(str(path))
+    except Exception as exc:  # nibabel raises many types
+        raise InputError(f"{path}: cannot read image ({exc})") from exc
+
+
+def pack(data: Path, out: Path, limit: int | None = None) -> dict:
+    """Pack every ``*_desc-preproc_T1w.nii.gz`` under ``data`` (one per subject) into ``out``/images.xz + index.json."""
     from ldae_bids.model.data import find_images, load_volume, subject_of
 
     paths = find_images([data])[:limit]
@@ -54,17 +64,24 @@ def pack(data: Path, out: Path, limit: int | None = None) -> dict:
     _check_labels(subjects, data)
     if len(set(subjects)) != len(subjects):
         raise SystemExit(f"train_kit: {data}: more than one image per subject; pack one session per subject")
-    first = nib.load(str(paths[0]))
+    first = _image(paths[0])
     shape, affine = tuple(int(s) for s in first.shape[:3]), first.affine
     comp = lzma.LZMACompressor(preset=9)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "images.xz", "wb") as fh:
-        for path in paths:
-            img = nib.load(str(path))
-            if tuple(img.shape[:3]) != shape or not np.allclose(img.affine, affine, atol=1e-4):
-                raise SystemExit(f"train_kit: {path}: grid differs from {paths[0]}")
-            fh.write(comp.compress(quantise(load_volume(path, shape)).tobytes()))
-        fh.write(comp.flush())
+    tmp = out / "images.xz.tmp"  # renamed once every image is in: a failed pack leaves no half-written kit
+    try:
+        with open(tmp, "wb") as fh:
+            for path in paths:
+                img = _image(path)
+                if tuple(img.shape[:3]) != shape or not np.allclose(img.affine, affine, atol=1e-4):
+                    raise SystemExit(f"train_kit: {path}: grid differs from {paths[0]}")
+                fh.write(comp.compress(quantise(load_volume(path, shape)).tobytes()))
+            fh.write(comp.flush())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    (out / "index.json").unlink(missing_ok=True)
+    tmp.replace(out / "images.xz")
     index = {"subjects": subjects, "shape": list(shape), "affine": np.asarray(affine).tolist(), "levels": LEVELS,
              "dtype": "uint8", "source": str(data), "bytes": (out / "images.xz").stat().st_size}
     (out / "index.json").write_text(json.dumps(index, indent=1))
@@ -107,6 +124,16 @@ def main(argv=None) -> int:
     u.add_argument("--kit", type=Path, required=True)
     u.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
+    from ldae_bids.errors import LdaeError
+
+    try:
+        return _run(args)
+    except LdaeError as exc:  # an unreadable or malformed image: one line naming the file
+        print(f"train_kit: {exc.message}", file=sys.stderr)
+        return int(exc.exit_code)
+
+
+def _run(args) -> int:
     if args.cmd == "pack":
         index = pack(args.data, args.out, args.limit)
         print(f"packed {len(index['subjects'])} images ({index['bytes'] / 2**20:.1f} MiB) into {args.out}")

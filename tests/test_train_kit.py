@@ -51,6 +51,7 @@ def test_pack_refuses_mixed_grids_and_a_truncated_kit(tmp_path):
     _model_ready(tmp_path / "deriv", ["B02"], shape=(16, 16, 12))
     with pytest.raises(SystemExit, match="grid differs"):
         kit.pack(tmp_path / "deriv", tmp_path / "kit")
+    assert not list((tmp_path / "kit").iterdir())  # nothing half-written
     _model_ready(tmp_path / "ok", ["A01", "B02"])
     kit.pack(tmp_path / "ok", tmp_path / "kit2")
     index = json.loads((tmp_path / "kit2" / "index.json").read_text())
@@ -70,3 +71,14 @@ def test_unpack_writes_only_bids_labels_under_its_folder(tmp_path):
     with pytest.raises(SystemExit, match="not a BIDS label"):
         kit.unpack(tmp_path / "kit", tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.parent.glob("escape*"))
+
+
+def test_a_corrupt_image_is_one_line_naming_it(tmp_path, capsys):
+    kit = load_benchmark("train_kit")
+    _model_ready(tmp_path / "deriv", ["A01", "B02"])
+    bad = tmp_path / "deriv" / "sub-B02" / "anat" / "sub-B02_desc-preproc_T1w.nii.gz"
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated
+    assert kit.main(["pack", "--data", str(tmp_path / "deriv"), "--out", str(tmp_path / "kit")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "sub-B02" in err
+    assert not list((tmp_path / "kit").iterdir())
