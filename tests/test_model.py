@@ -262,6 +262,31 @@ def test_metrics():
     assert s["mse_mask"] == pytest.approx(float(mse(a, b, mask)), abs=1e-9)
 
 
+def test_ssim_map_matches_a_direct_full_kernel_computation():
+    """The separable, grouped SSIM (five moments blurred in one pass) against the textbook formula with a full
+    11x11x11 gaussian kernel applied to each moment on its own, border renormalisation included."""
+    import torch.nn.functional as F
+
+    from ldae_bids.metrics import ssim_map_tensor
+
+    x, y = images(2), images(2, seed=1)
+    g = torch.exp(-(torch.arange(11.0) - 5) ** 2 / (2 * 1.5**2))
+    g = g / g.sum()
+    k3 = (g[:, None, None] * g[None, :, None] * g[None, None, :])[None, None]
+
+    def blur(v):
+        return F.conv3d(v, k3, padding=5) / F.conv3d(torch.ones_like(v), k3, padding=5)
+
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    expected = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    got = ssim_map_tensor(x, y)
+    assert got.shape == x.shape and float((got - expected).abs().max()) < 1e-4  # float32 rounding of E[x^2] - mu^2
+    with pytest.raises(ValueError, match="B, 1, D, H, W"):
+        ssim_map_tensor(x, y[:1])
+
+
 def test_similarity_of_a_batch_is_that_of_each_pair_and_nan_for_an_empty_mask():
     import torch
 
@@ -344,6 +369,26 @@ def test_onednn_routing_matches_pytorch_and_keeps_gradients():
     loss = net(z, torch.tensor([3, 7]), torch.randn(2, plain.config.semantic_encoder.emb_dim)).square().mean()
     loss.backward()
     assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+
+
+def test_channels_last_weights_give_the_same_results():
+    """set_memory_format lays the 5-D weights out NDHWC; results agree with the NCDHW layout to float32
+    rounding and the pipeline's outputs stay NCDHW-contiguous (safetensors and numpy writers rely on it)."""
+    pipe = tiny_pipeline()
+    x = torch.rand(2, 1, *pipe.config.image_shape)
+    ref = pipe.reconstruct(x, steps=3)
+    conv_weights = [p for p in pipe.parameters() if p.dim() == 5]
+    assert pipe.set_memory_format("channels_last") is pipe and pipe.memory_format == "channels_last"
+    assert conv_weights and all(p.is_contiguous(memory_format=torch.channels_last_3d) and not p.is_contiguous()
+                                for p in conv_weights if p.shape[1] > 1 and p.shape[2:].numel() > 1)
+    out = pipe.reconstruct(x, steps=3)
+    for a, b in ((out.images, ref.images), (out.x_T, ref.x_T), (out.y_sem, ref.y_sem)):
+        assert a.is_contiguous() and torch.allclose(a, b, atol=1e-4, rtol=1e-3)
+    assert pipe.encode_latent(x).is_contiguous()
+    pipe.set_memory_format("contiguous")
+    assert all(p.is_contiguous() for p in pipe.parameters())
+    with pytest.raises(ValueError, match="memory format"):
+        pipe.set_memory_format("nhwc")
 
 
 def test_mixed_precision_path_under_cpu_bf16_autocast(monkeypatch):

@@ -207,6 +207,10 @@ def test_precision_is_recorded_and_enters_the_resume_key(prepared):
     y16 = codes()
     rel = np.linalg.norm(y16 - y32) / np.linalg.norm(y32)
     assert 0 < rel < 0.05, rel  # bf16 arithmetic really ran, and gives nearly the same code
+    # on the CPU, bf16 runs the networks with channels-last weights, fp32 with contiguous ones
+    logs = sorted((out / "logs").glob("ldae-bids-*.log"), key=lambda f: f.stat().st_mtime_ns)
+    assert "weights channels-last" in logs[-1].read_text()
+    assert any("weights contiguous" in f.read_text() for f in logs[:-1])
 
 
 def test_precision_auto_resolves_per_device(monkeypatch):
@@ -223,6 +227,12 @@ def test_precision_auto_resolves_per_device(monkeypatch):
     assert dev.resolve_precision(cpu, "auto") == "bf16"
     with pytest.raises(UsageError, match="precision"):
         dev.resolve_precision(cpu, "fp16")
+    # weight layout: channels-last only where measured faster (CPU under bf16)
+    assert dev.resolve_memory_format(cpu, "auto") == "channels_last"
+    assert dev.resolve_memory_format(cpu, "fp32") == "contiguous"
+    assert dev.resolve_memory_format(cuda, "bf16") == "contiguous"
+    monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: False)
+    assert dev.resolve_memory_format(cpu, "auto") == "contiguous"
 
 
 def test_derivatives_input_is_resampled_and_precision_stays_out_of_its_key(bids_factory, tmp_path, tiny_bundle):

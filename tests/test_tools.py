@@ -175,6 +175,18 @@ def test_self_check_device_hint_in_apptainer_without_nv(monkeypatch):
     assert device.status == WARN and "--nv" in device.detail
 
 
+def test_self_check_names_the_precision_and_weight_layout_auto_picks(monkeypatch):
+    torch = pytest.importorskip("torch")
+    from ldae_bids import device as dev
+    from ldae_bids.selfcheck import check_torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for native, expected in ((True, "uses bf16, channels-last weights"), (False, "uses fp32, contiguous weights")):
+        monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda native=native: native)
+        row = [c for c in check_torch() if c.name == "precision"][0]
+        assert expected in row.detail, row.detail
+
+
 # ------------------------------------------------------------------------------------ boutiques
 INFORMATIONAL = {"version", "list_stages"}
 

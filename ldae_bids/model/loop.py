@@ -93,6 +93,20 @@ def autocast(device: torch.device):
     return precision_autocast(device, precision(device))
 
 
+def lay_out_autoencoder(ae: torch.nn.Module, dist) -> str:
+    """Put the autoencoder's weights in the layout ``ldae_bids.device.resolve_memory_format`` picks for the run:
+    channels-last on the CPU under bf16, where a decoder training step (forward + backward) is faster in it
+    (``benchmarks/bench_memory_format.py --training``); contiguous elsewhere, and always under DDP, whose
+    all-reduce sums gradients as flat buffers: ranks on CPUs that resolve differently must not mix layouts.
+    The denoiser stays contiguous (its training step is not faster channels-last). Checkpoints and bundles
+    store contiguous copies."""
+    from ldae_bids.device import resolve_memory_format
+
+    name = "contiguous" if dist.enabled else resolve_memory_format(dist.device, precision(dist.device))
+    ae.to(memory_format=torch.channels_last_3d if name == "channels_last" else torch.contiguous_format)
+    return name
+
+
 LR_SCHEDULES = ("constant", "cosine")
 
 

@@ -70,6 +70,9 @@ class LdaePipeline(nn.Module):
         # "auto": bf16 autocast on CUDA, fp32 on the CPU unless set (the app's --precision, resolved by
         # ldae_bids.device.resolve_precision: bf16 on CPUs with native bf16); "fp32" or "bf16" on either
         self.precision = "auto"
+        # weight layout of the 3-D convolutions (set_memory_format); the app picks it with
+        # ldae_bids.device.resolve_memory_format
+        self.memory_format = "contiguous"
         from ldae_bids.model.cpu_conv import route_conv3d_to_onednn
 
         route_conv3d_to_onednn(self)  # CPU inference at batch 1: see cpu_conv.py
@@ -88,6 +91,20 @@ class LdaePipeline(nn.Module):
             return autocast(device, "bf16" if device.type == "cuda" else "fp32")
         return autocast(device, self.precision)
 
+    def set_memory_format(self, name: str) -> "LdaePipeline":
+        """Lay the networks' 5-D weights out as ``channels_last`` (NDHWC) or ``contiguous`` (NCDHW).
+
+        Convolutions follow their weights' layout, so activations stay in it through the networks; the
+        results agree to the arithmetic's rounding (exactly the same maths, another summation order).
+        """
+        formats = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last_3d}
+        if name not in formats:
+            raise ValueError(f"memory format must be one of {', '.join(formats)}, not {name!r}")
+        for net in (self.autoencoder, self.semantic_encoder, self.denoiser):
+            net.to(memory_format=formats[name])
+        self.memory_format = name
+        return self
+
     def _images(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 5 or images.shape[1] != 1 or tuple(images.shape[2:]) != tuple(self.config.image_shape):
             raise ValueError(f"expected images (B, 1, {', '.join(map(str, self.config.image_shape))}), "
@@ -105,14 +122,14 @@ class LdaePipeline(nn.Module):
         """Scaled autoencoder latents (posterior mean) of ``images``."""
         with self.autocast():
             z_mu, _ = self.autoencoder.encode(self._images(images))
-        return z_mu.float() * self.latent_scale
+        return (z_mu.float() * self.latent_scale).contiguous()  # NCDHW whatever the weights' layout
 
     @torch.no_grad()
     def decode_latent(self, latent: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] from scaled latents."""
         with self.autocast():
             images = self.autoencoder.decode(latent.to(self.device) / self.latent_scale)
-        return images.float().clamp(0.0, 1.0)
+        return images.float().clamp(0.0, 1.0).contiguous()
 
     @torch.no_grad()
     def autoencode(self, images: torch.Tensor) -> torch.Tensor:
@@ -165,7 +182,7 @@ class LdaePipeline(nn.Module):
                 eps = self.denoiser(x, t, y_sem).float()
             x0 = (x - (1 - a_src).sqrt().float() * eps) / a_src.sqrt().float()
             x = a_dst.sqrt().float() * x0 + (1 - a_dst).sqrt().float() * eps
-        return x
+        return x.contiguous()
 
     # ------------------------------------------------------------------ public API
     @torch.no_grad()

@@ -112,6 +112,7 @@ def train_autoencoder(settings, dist, store, val_store, state, logger, init=None
     if tc.steps_from_budget and tc.ae_patch_size is not None and tc.ae_max_minutes:
         log.info("autoencoder: --steps-from-budget does not plan the crop phase (its budget ends it; whole-volume "
                  "steps follow)")
+    log.info("autoencoder: %s weights", loop.lay_out_autoencoder(ae, dist).replace("_", "-"))
     model = wrap(ae, dist)
     dmodel = wrap(disc, dist) if disc is not None else None
     loss_fn = AutoencoderLoss(tc.kl_weight, tc.ssim_weight, tc.adv_weight)
@@ -230,6 +231,7 @@ def train_decoder(settings, dist, store, val_store, ae, latents, scale, state, l
         p.requires_grad_(True)
     plan = loop.StepPlan("dec", state, tc.decoder_max_minutes, tc.steps_from_budget, total, step)
     total = plan.total
+    log.info("decoder: %s weights", loop.lay_out_autoencoder(ae, dist).replace("_", "-"))
     model = wrap(_Decoder(ae), dist)
     ae.train()
     t0 = start = time.time()
