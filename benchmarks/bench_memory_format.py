@@ -3,7 +3,8 @@
 
 The app lays the networks' weights out with ``ldae_bids.device.resolve_memory_format`` (channels-last on
 the CPU under bf16, contiguous elsewhere). This benchmark is what that choice rests on: on one machine,
-bundle and set of images, for each precision and each layout,
+bundle and set of images, for each precision and each layout, each in a fresh process (in one process the
+configurations measured first changed the timings of those after, by up to 2x either way),
 
 - one call of each network at every ``--batch`` (median of ``--repeats`` after a warm-up): semantic
   encoder, autoencoder encoder and decoder, one denoiser step;
@@ -30,7 +31,9 @@ import argparse
 import datetime
 import json
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -116,6 +119,58 @@ def training_times(pipe, shape, repeats: int, decoder_batch: int = 2, denoiser_b
         ae.eval(), den.eval()
 
 
+def worker(args, bundle_path: Path) -> int:
+    """One precision and layout (``--worker PREC FMT DIR``): times, SSIMs and codes to DIR/PREC_FMT.json / .npz."""
+    import torch
+
+    from bench_reconstruction import validation_pairs
+    from ldae_bids.metrics import similarity
+    from ldae_bids.model.bundle import load_bundle
+    from ldae_bids.model.data import load_volume
+
+    prec, fmt, folder = args.worker
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    mb = load_bundle(bundle_path, device=device)
+    pipe, shape = mb.pipeline, tuple(mb.config.image_shape)
+    if args.any_images:
+        images = sorted(args.data.glob("**/sub-*_desc-preproc_T1w.nii.gz"))[:args.limit]
+        pairs = [(f.name.split("_")[0][4:], f, None) for f in images]
+        if not pairs:
+            print(f"skipped: no sub-*_desc-preproc_T1w.nii.gz under {args.data}")
+            return 0
+    else:
+        pairs = validation_pairs(mb, args.data, args.limit)
+        if not pairs:
+            return 0
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    x_all = torch.stack([torch.from_numpy(load_volume(p, shape))[None] for _, p, _ in pairs])
+    bs = max(1, args.batch_size)
+    pipe.precision = prec
+    pipe.set_memory_format(fmt)
+    nets = {str(b): network_times(pipe, shape, b, args.repeats) for b in args.batch}
+    training = training_times(pipe, shape, args.repeats) if args.training else {}
+    ysem, xt, imgs, ssim, seconds = [], [], [], [], 0.0
+    pipe.reconstruct(x_all[:1], steps=2)  # warm-up of this layout's kernels
+    for start in range(0, len(pairs), bs):
+        x = x_all[start:start + bs]
+        t = time.perf_counter()
+        rec = pipe.reconstruct(x, steps=args.steps)
+        sync()
+        seconds += time.perf_counter() - t
+        ysem.append(rec.y_sem.cpu().numpy())
+        xt.append(rec.x_T.cpu().numpy())
+        imgs.append(rec.images.cpu().numpy())
+        ssim += [similarity(rec.images[j, 0].cpu().numpy(), x[j, 0].numpy())["ssim"] for j in range(len(x))]
+    out = Path(folder)
+    np.savez(out / f"{prec}_{fmt}.npz", y_sem=np.concatenate(ysem), x_T=np.concatenate(xt), images=np.concatenate(imgs))
+    (out / f"{prec}_{fmt}.json").write_text(json.dumps({
+        "networks": nets, "training": training, "reconstruct_s_per_subject": seconds / len(pairs), "ssim": ssim,
+        "subjects": [s for s, _, _ in pairs], "bundle_name": mb.name, "content_hash": mb.content_hash}))
+    return 0
+
+
 def relative(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
 
@@ -130,7 +185,8 @@ def markdown(result: dict) -> str:
         "(`ldae_bids.device.resolve_memory_format`).", "",
         f"Bundle `{result['bundle']['name']}` (content hash `{result['bundle']['content_hash'][:16]}...`); "
         f"{result['n_subjects']} {result['which']} from `{result['data']}`; reconstruct at batch "
-        f"{result['batch_size']}, {result['steps']} DDIM steps.", "",
+        f"{result['batch_size']}, {result['steps']} DDIM steps. Each precision and layout ran in its own process "
+        "(in one process, the runs before changed the timings of those after).", "",
         "## Speed (median seconds; speed-up = contiguous / channels-last)", "",
         "| precision | | contiguous | channels-last | speed-up |", "|---|---|---|---|---|",
     ]
@@ -179,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--any-images", action="store_true",
                     help="time the first --limit model-ready images under --data, whoever they are (e.g. the app's "
                          "outputs of a GPU run), instead of the bundle's validation subjects")
+    ap.add_argument("--worker", nargs=3, metavar=("PRECISION", "LAYOUT", "DIR"), default=None,
+                    help=argparse.SUPPRESS)  # one configuration, in its own process (the main run starts these)
     ap.add_argument("--render", type=Path, default=None, metavar="JSON",
                     help="only write the Markdown of an earlier memory_format.json (next to it)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
@@ -191,14 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from bench_preprocess import cpu_name
-    from bench_reconstruction import validation_pairs
     from ldae_bids.device import cpu_has_native_bf16, resolve_memory_format
-    from ldae_bids.metrics import similarity
-    from ldae_bids.model.bundle import default_bundle_path, load_bundle
-    from ldae_bids.model.data import load_volume
+    from ldae_bids.model.bundle import default_bundle_path
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     bundle_path = args.bundle or default_bundle_path()
     if not (bundle_path / "config.json").exists():
         print(f"skipped: no model bundle at {bundle_path}")
@@ -206,63 +259,51 @@ def main(argv: list[str] | None = None) -> int:
     if not args.data.is_dir():
         print(f"skipped: data folder {args.data} not found (bench_preprocess.py --save-dir makes it)")
         return 0
+    if args.worker:
+        return worker(args, bundle_path)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    mb = load_bundle(bundle_path, device=device)
-    pipe, shape = mb.pipeline, tuple(mb.config.image_shape)
-    if args.any_images:
-        images = sorted(args.data.glob("**/sub-*_desc-preproc_T1w.nii.gz"))[:args.limit]
-        pairs = [(f.name.split("_")[0][4:], f, None) for f in images]
-        if not pairs:
-            print(f"skipped: no sub-*_desc-preproc_T1w.nii.gz under {args.data}")
-            return 0
-    else:
-        pairs = validation_pairs(mb, args.data, args.limit)
-        if not pairs:
-            return 0
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    x_all = torch.stack([torch.from_numpy(load_volume(p, shape))[None] for _, p, _ in pairs])
-    bs = max(1, args.batch_size)
     t0 = time.time()
     runs: dict[str, dict] = {}
-    for prec in args.precisions:
-        pipe.precision = prec
-        runs[prec] = {}
-        outputs = {}
-        for fmt in FORMATS:
-            pipe.set_memory_format(fmt)
-            nets = {str(b): network_times(pipe, shape, b, args.repeats) for b in args.batch}
-            training = training_times(pipe, shape, args.repeats) if args.training else {}
-            ysem, xt, imgs, ssim, seconds = [], [], [], [], 0.0
-            pipe.reconstruct(x_all[:1], steps=2)  # warm-up of this layout's kernels
-            for start in range(0, len(pairs), bs):
-                x = x_all[start:start + bs]
-                t = time.perf_counter()
-                rec = pipe.reconstruct(x, steps=args.steps)
-                sync()
-                seconds += time.perf_counter() - t
-                ysem.append(rec.y_sem.cpu().numpy())
-                xt.append(rec.x_T.cpu().numpy())
-                imgs.append(rec.images.cpu().numpy())
-                ssim += [similarity(rec.images[j, 0].cpu().numpy(), x[j, 0].numpy())["ssim"] for j in range(len(x))]
-            outputs[fmt] = [np.concatenate(a) for a in (ysem, xt, imgs)]
-            runs[prec][fmt] = {"networks": nets, "training": training,
-                               "reconstruct_s_per_subject": seconds / len(pairs), "ssim": ssim}
-            print(f"{prec} {fmt}: reconstruct {seconds / len(pairs):.3f} s/subject, SSIM {np.mean(ssim):.4f}; "
-                  + "; ".join(f"batch {b}: " + ", ".join(f"{k} {v:.3f}" for k, v in n.items()) for b, n in nets.items()),
-                  flush=True)
-        ref, new = outputs["contiguous"], outputs["channels_last"]
-        runs[prec]["channels_last"]["moved"] = {
-            name: [relative(a, b) for a, b in zip(new[i], ref[i])] for i, name in enumerate(("y_sem", "x_T", "images"))}
-    pipe.set_memory_format("contiguous")
+    with tempfile.TemporaryDirectory() as tmp:
+        for prec in args.precisions:
+            runs[prec] = {}
+            for fmt in FORMATS:
+                # each configuration in a fresh process: in one process, the kernels and memory of the runs before
+                # changed the timings of the runs after (by up to 2x, either way, at batch 1)
+                cmd = [sys.executable, __file__, "--worker", prec, fmt, tmp, "--bundle", str(bundle_path),
+                       "--data", str(args.data), "--batch", *map(str, args.batch), "--limit", str(args.limit),
+                       "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--repeats", str(args.repeats),
+                       "--device", device, *(["--threads", str(args.threads)] if args.threads else []),
+                       *(["--training"] if args.training else []), *(["--any-images"] if args.any_images else [])]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    print(f"{prec} {fmt}: worker failed (exit {proc.returncode}):\n{proc.stdout}{proc.stderr}")
+                    return 1
+                if "skipped:" in proc.stdout:
+                    print(proc.stdout.strip())
+                    return 0
+                runs[prec][fmt] = json.loads((Path(tmp) / f"{prec}_{fmt}.json").read_text())
+                nets = runs[prec][fmt]["networks"]
+                print(f"{prec} {fmt}: reconstruct {runs[prec][fmt]['reconstruct_s_per_subject']:.3f} s/subject, SSIM "
+                      f"{np.mean(runs[prec][fmt]['ssim']):.4f}; " + "; ".join(
+                          f"batch {b}: " + ", ".join(f"{k} {v:.3f}" for k, v in n.items()) for b, n in nets.items()),
+                      flush=True)
+            ref, new = (np.load(Path(tmp) / f"{prec}_{fmt}.npz") for fmt in FORMATS)
+            runs[prec]["channels_last"]["moved"] = {
+                name: [relative(a, b) for a, b in zip(new[name], ref[name])] for name in ("y_sem", "x_T", "images")}
+    first = runs[args.precisions[0]]["contiguous"]
     dev = torch.device(device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     result = {
         "benchmark": "memory_format",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": "python benchmarks/bench_memory_format.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "bundle": {"path": str(bundle_path), "name": mb.name, "content_hash": mb.content_hash},
+        "bundle": {"path": str(bundle_path), "name": first["bundle_name"], "content_hash": first["content_hash"]},
         "which": "images" if args.any_images else "validation subjects of its split",
-        "data": str(args.data), "subjects": [s for s, _, _ in pairs], "n_subjects": len(pairs),
-        "steps": args.steps, "batch_size": bs, "repeats": args.repeats,
+        "data": str(args.data), "subjects": first["subjects"], "n_subjects": len(first["subjects"]),
+        "steps": args.steps, "batch_size": max(1, args.batch_size), "repeats": args.repeats,
+        "isolation": "each precision and layout timed in its own process",
         "app_choice": ", ".join(f"{p}: {resolve_memory_format(dev, p)}" for p in args.precisions),
         "environment": {"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else cpu_name(),
                         "native_bf16": True if dev.type == "cuda" else cpu_has_native_bf16(),
