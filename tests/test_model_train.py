@@ -523,14 +523,14 @@ def test_steps_from_budget_plans_the_cosine_to_end_with_the_budget(synth, tmp_pa
 
     out = tmp_path / "plan"
     run_cli([str(synth), "-o", str(out), "--preset", "tiny", "--threads", "1", "--ae-patch-size", "0",
-             "--ae-steps", "100000", "--ae-max-minutes", "0.04", "--ae-ssim-weight", "0.5", "--ae-lr", "1e-3",
-             "--ldae-steps", "100000", "--ldae-max-minutes", "0.04", "--ldae-lr", "1e-3",
+             "--ae-steps", "100000", "--ae-max-minutes", "0.08", "--ae-ssim-weight", "0.5", "--ae-lr", "1e-3",
+             "--ldae-steps", "100000", "--ldae-max-minutes", "0.08", "--ldae-lr", "1e-3",
              "--lr-schedule", "cosine", "--lr-min-fraction", "0.05", "--steps-from-budget",
              "--val-every", "100000", "--checkpoint-every", "100000"])
     state = json.loads((out / "state.json").read_text())
     for name, stage, last in (("ae", "ae", state["ae_step"]), ("ldae", "ldae", state["ldae_step"])):
         plan = state[f"{name}_plan"]
-        assert plan["minutes"] == 0.04 and 25 < plan["steps"] < 100_000
+        assert plan["minutes"] == 0.08 and 25 < plan["steps"] < 100_000
         assert last <= plan["steps"]  # the plan ends the phase (or the budget, when later steps ran slower)
         lrs = {r["step"]: r["lr"] for r in records(out) if r.get("stage") == stage and "lr" in r}
         # once planned, every rate follows the cosine to the planned end (the record of step s holds step s-1's)
