@@ -45,35 +45,9 @@ for p in (REPO, BENCH):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
+from bench_precision import NETWORKS, network_times, relative  # noqa: E402  (the same timings, any batch)
+
 FORMATS = ("contiguous", "channels_last")
-NETWORKS = ("semantic_encoder", "ae_encoder", "ae_decoder", "denoiser_step")
-
-
-def network_times(pipe, shape, batch: int, repeats: int) -> dict[str, float]:
-    """Median seconds of one call of each network at ``batch`` (``bench_speed.timed``)."""
-    import torch
-
-    from bench_speed import timed
-
-    x = torch.rand(batch, 1, *shape, generator=torch.Generator().manual_seed(0)).to(pipe.device)
-    with torch.no_grad():
-        z = pipe.encode_latent(x)
-        y = pipe.encode_semantic(x)
-        t = torch.full((batch,), 500, device=pipe.device, dtype=torch.long)
-
-        def step():
-            with pipe.autocast():
-                pipe.denoiser(z, t, y)
-
-        def ae_encoder():
-            with pipe.autocast():
-                pipe.autoencoder.encode(x)
-
-        dev = pipe.device
-        return {"semantic_encoder": timed(lambda: pipe.encode_semantic(x), dev, repeats)[0],
-                "ae_encoder": timed(ae_encoder, dev, repeats)[0],
-                "ae_decoder": timed(lambda: pipe.decode_latent(z), dev, repeats)[0],
-                "denoiser_step": timed(step, dev, repeats * 3)[0]}
 
 
 def training_times(pipe, shape, repeats: int, decoder_batch: int = 2, denoiser_batch: int = 8) -> dict[str, float]:
@@ -149,7 +123,7 @@ def worker(args, bundle_path: Path) -> int:
     bs = max(1, args.batch_size)
     pipe.precision = prec
     pipe.set_memory_format(fmt)
-    nets = {str(b): network_times(pipe, shape, b, args.repeats) for b in args.batch}
+    nets = {str(b): network_times(pipe, shape, args.repeats, batch=b) for b in args.batch}
     training = training_times(pipe, shape, args.repeats) if args.training else {}
     ysem, xt, imgs, ssim, seconds = [], [], [], [], 0.0
     pipe.reconstruct(x_all[:1], steps=2)  # warm-up of this layout's kernels
@@ -169,10 +143,6 @@ def worker(args, bundle_path: Path) -> int:
         "networks": nets, "training": training, "reconstruct_s_per_subject": seconds / len(pairs), "ssim": ssim,
         "subjects": [s for s, _, _ in pairs], "bundle_name": mb.name, "content_hash": mb.content_hash}))
     return 0
-
-
-def relative(a, b) -> float:
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
 
 
 def markdown(result: dict) -> str:

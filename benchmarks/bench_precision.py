@@ -45,17 +45,17 @@ PRECISIONS = ("fp32", "bf16")
 NETWORKS = ("semantic_encoder", "ae_encoder", "ae_decoder", "denoiser_step")
 
 
-def network_times(pipe, shape, repeats: int) -> dict[str, float]:
-    """Median seconds of one call of each network at batch 1 (``bench_speed.timed``: one warm-up call)."""
+def network_times(pipe, shape, repeats: int, batch: int = 1) -> dict[str, float]:
+    """Median seconds of one call of each network at ``batch`` (``bench_speed.timed``: one warm-up call)."""
     import torch
 
     from bench_speed import timed
 
-    x = torch.rand(1, 1, *shape, generator=torch.Generator().manual_seed(0)).to(pipe.device)
+    x = torch.rand(batch, 1, *shape, generator=torch.Generator().manual_seed(0)).to(pipe.device)
     with torch.no_grad():
         z = pipe.encode_latent(x)
         y = pipe.encode_semantic(x)
-        t = torch.full((1,), 500, device=pipe.device, dtype=torch.long)
+        t = torch.full((batch,), 500, device=pipe.device, dtype=torch.long)
 
         def step():
             with pipe.autocast():
