@@ -50,6 +50,33 @@ def save_tiny_bundle(path: Path, metadata: dict):
     return path, grid
 
 
+def split_bundle_and_images(root: Path, labels=("t1", "v1", "v2", "v3"), masks: bool = True):
+    """A tiny bundle whose split is ``t1`` (training) and ``v1``-``v3`` (validation), and model-ready images.
+
+    The images (one random 8-voxel cube each, seed 0, in the order of ``labels``) are written to ``root/data``
+    as ``sub-<label>_desc-preproc_T1w.nii.gz``, with a ``desc-brain_mask`` beside each when ``masks``; the
+    layout ``bench_preprocess.py --save-dir`` writes. Returns ``(bundle, grid, data)``.
+    """
+    import nibabel as nib
+
+    from ldae_bids.model.config import preset
+
+    bundle, grid = save_tiny_bundle(root / "bundle", {
+        "licence": "CC0", "training": {"split": {"train": ["t1"], "validation": ["v1", "v2", "v3"]}}})
+    cfg, _ = preset("tiny")
+    data = root / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for label in labels:
+        img = np.zeros(cfg.image_shape, np.float32)
+        img[4:12, 4:12, 4:12] = rng.random((8, 8, 8))
+        nib.save(nib.Nifti1Image(img, np.asarray(grid.affine)), str(data / f"sub-{label}_desc-preproc_T1w.nii.gz"))
+        if masks:
+            nib.save(nib.Nifti1Image((img > 0).astype(np.uint8), np.asarray(grid.affine)),
+                     str(data / f"sub-{label}_desc-brain_mask.nii.gz"))
+    return bundle, grid, data
+
+
 def load_benchmark(name: str):
     """A script of ``benchmarks/`` as a module (they are scripts, not a package)."""
     import importlib.util

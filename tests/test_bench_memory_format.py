@@ -4,24 +4,11 @@ from __future__ import annotations
 
 import json
 
-import nibabel as nib
-import numpy as np
-
 
 def test_both_layouts_are_timed_and_compared_in_each_precision(tmp_path):
-    from conftest import load_benchmark, save_tiny_bundle
-    from ldae_bids.model.config import preset
+    from conftest import load_benchmark, split_bundle_and_images
 
-    bundle, grid = save_tiny_bundle(tmp_path / "bundle", {
-        "licence": "CC0", "training": {"split": {"train": ["t1"], "validation": ["v1", "v2", "v3"]}}})
-    cfg, _ = preset("tiny")
-    data = tmp_path / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for label in ("t1", "v1", "v2", "v3"):
-        img = np.zeros(cfg.image_shape, np.float32)
-        img[4:12, 4:12, 4:12] = rng.random((8, 8, 8))
-        nib.save(nib.Nifti1Image(img, np.asarray(grid.affine)), str(data / f"sub-{label}_desc-preproc_T1w.nii.gz"))
+    bundle, _, data = split_bundle_and_images(tmp_path, masks=False)
     out = tmp_path / "out"
     bench = load_benchmark("bench_memory_format")
     assert bench.main(["--bundle", str(bundle), "--data", str(data), "--steps", "2", "--batch", "1", "2",

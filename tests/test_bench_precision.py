@@ -4,29 +4,16 @@ from __future__ import annotations
 
 import json
 
-import nibabel as nib
-import numpy as np
-
 
 def test_both_precisions_are_timed_and_scored_on_the_validation_subjects(tmp_path):
-    from conftest import load_benchmark, save_tiny_bundle
-    from ldae_bids.model.config import preset
+    from conftest import load_benchmark, split_bundle_and_images
 
-    bundle, grid = save_tiny_bundle(tmp_path / "bundle", {
-        "licence": "CC0", "training": {"split": {"train": ["t1"], "validation": ["v1", "v2", "v3"]}}})
-    cfg, _ = preset("tiny")
-    data, bids = tmp_path / "data", tmp_path / "bids"
-    data.mkdir()
+    labels = ["t1", "v1", "v2", "v3"] + [f"x{k}" for k in range(8)]
+    bundle, _, data = split_bundle_and_images(tmp_path, labels)
+    bids = tmp_path / "bids"
     bids.mkdir()
-    rng = np.random.default_rng(0)
     people = ["participant_id\tage\tsex"]
-    for i, label in enumerate(["t1", "v1", "v2", "v3"] + [f"x{k}" for k in range(8)]):
-        img = np.zeros(cfg.image_shape, np.float32)
-        img[4:12, 4:12, 4:12] = rng.random((8, 8, 8))
-        nib.save(nib.Nifti1Image(img, np.asarray(grid.affine)), str(data / f"sub-{label}_desc-preproc_T1w.nii.gz"))
-        nib.save(nib.Nifti1Image((img > 0).astype(np.uint8), np.asarray(grid.affine)),
-                 str(data / f"sub-{label}_desc-brain_mask.nii.gz"))
-        people.append(f"sub-{label}\t{20 + 5 * i}\t{'MF'[i % 2]}")
+    people += [f"sub-{label}\t{20 + 5 * i}\t{'MF'[i % 2]}" for i, label in enumerate(labels)]
     (bids / "participants.tsv").write_text("\n".join(people) + "\n")
     out = tmp_path / "out"
     bench = load_benchmark("bench_precision")

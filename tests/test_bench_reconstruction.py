@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 
-import nibabel as nib
-import numpy as np
 import pytest
-
 
 
 def _bench():
@@ -18,22 +15,9 @@ def _bench():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from conftest import save_tiny_bundle
-    from ldae_bids.model.config import preset
+    from conftest import split_bundle_and_images
 
-    root = tmp_path_factory.mktemp("recon")
-    bundle, grid = save_tiny_bundle(root / "bundle", {
-        "licence": "CC0", "training": {"split": {"train": ["t1"], "validation": ["v1", "v2", "v3"]}}})
-    cfg, _ = preset("tiny")
-    data = root / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for label in ("t1", "v1", "v2", "v3"):
-        img = np.zeros(cfg.image_shape, np.float32)
-        img[4:12, 4:12, 4:12] = rng.random((8, 8, 8))
-        nib.save(nib.Nifti1Image(img, np.asarray(grid.affine)), str(data / f"sub-{label}_desc-preproc_T1w.nii.gz"))
-        nib.save(nib.Nifti1Image((img > 0).astype(np.uint8), np.asarray(grid.affine)),
-                 str(data / f"sub-{label}_desc-brain_mask.nii.gz"))
+    bundle, _, data = split_bundle_and_images(tmp_path_factory.mktemp("recon"))
     return bundle, data
 
 
