@@ -219,15 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from bench_preprocess import cpu_name
+    from bench_reconstruction import bundle_or_skip
     from ldae_bids.device import cpu_has_native_bf16, resolve_memory_format
-    from ldae_bids.model.bundle import default_bundle_path
 
-    bundle_path = args.bundle or default_bundle_path()
-    if not (bundle_path / "config.json").exists():
-        print(f"skipped: no model bundle at {bundle_path}")
-        return 0
-    if not args.data.is_dir():
-        print(f"skipped: data folder {args.data} not found (bench_preprocess.py --save-dir makes it)")
+    bundle_path = bundle_or_skip(args.bundle, args.data)
+    if bundle_path is None:
         return 0
     if args.worker:
         return worker(args, bundle_path)

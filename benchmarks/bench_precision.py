@@ -188,20 +188,16 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from bench_preprocess import cpu_name
-    from bench_reconstruction import validation_pairs
+    from bench_reconstruction import bundle_or_skip, validation_pairs
     from ldae_bids.device import cpu_has_native_bf16
     from ldae_bids.metrics import similarity
-    from ldae_bids.model.bundle import default_bundle_path, load_bundle
+    from ldae_bids.model.bundle import load_bundle
     from ldae_bids.model.data import load_volume
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    bundle_path = args.bundle or default_bundle_path()
-    if not (bundle_path / "config.json").exists():
-        print(f"skipped: no model bundle at {bundle_path}")
-        return 0
-    if not args.data.is_dir():
-        print(f"skipped: data folder {args.data} not found (bench_preprocess.py --save-dir makes it)")
+    bundle_path = bundle_or_skip(args.bundle, args.data)
+    if bundle_path is None:
         return 0
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     mb = load_bundle(bundle_path, device=device)

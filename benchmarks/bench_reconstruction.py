@@ -57,6 +57,21 @@ def validation_pairs(mb, data: Path, limit: int | None) -> list[tuple[str, Path,
     return pairs
 
 
+def bundle_or_skip(bundle: Path | None, data: Path) -> Path | None:
+    """The bundle to measure (``--bundle``, else the shipped one), or None after a ``skipped:`` line when it or
+    the model-ready images (``bench_preprocess.py --save-dir``) are missing: no data, nothing measured."""
+    from ldae_bids.model.bundle import default_bundle_path
+
+    bundle = bundle or default_bundle_path()
+    if not (bundle / "config.json").exists():
+        print(f"skipped: no model bundle at {bundle}")
+        return None
+    if not data.is_dir():
+        print(f"skipped: data folder {data} not found (bench_preprocess.py --save-dir makes it)")
+        return None
+    return bundle
+
+
 def summarise(rows: list[dict]) -> dict:
     out = {}
     for method in rows[0]["methods"]:
@@ -131,17 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from ldae_bids.metrics import similarity
-    from ldae_bids.model.bundle import default_bundle_path, load_bundle
+    from ldae_bids.model.bundle import load_bundle
     from ldae_bids.model.data import load_volume
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    bundle_path = args.bundle or default_bundle_path()
-    if not (bundle_path / "config.json").exists():
-        print(f"skipped: no model bundle at {bundle_path}")
-        return 0
-    if not args.data.is_dir():
-        print(f"skipped: data folder {args.data} not found (run the preprocessing first)")
+    bundle_path = bundle_or_skip(args.bundle, args.data)
+    if bundle_path is None:
         return 0
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     mb = load_bundle(bundle_path, device=device)
