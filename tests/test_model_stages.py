@@ -117,6 +117,7 @@ def test_manipulate_and_fill_missing(prepared, tmp_path):
     assert plus.is_file() and minus_diff.is_file()
     side = json.loads(plus.with_name(plus.name.replace(".nii.gz", ".json")).read_text())
     assert side["Strength"] == 2.0 and "ProbeScoreManipulated" in side
+    assert side["AnchoredLatentMean"] is False  # the tiny bundle records no latent channel means
     table = pd.read_csv(anat / "sub-02_desc-manipAge_predictions.tsv", sep="\t")
     assert list(table["strength"]) == [-2.0, 0.0, 2.0]
     # synthetic sessions at 3 and 9 months; 30 months would be an extrapolation and is skipped

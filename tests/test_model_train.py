@@ -71,6 +71,11 @@ def test_training_exports_a_bundle_and_resumes(synth, tmp_path):
     mb = load_bundle(out / "bundle")
     assert mb.metadata["training"]["split"]["validation"] == split["validation"]
     assert mb.metadata["latent_scale"] == pytest.approx(state["latent_scale"])
+    from safetensors.torch import load_file
+
+    train_latents = load_file(str(out / "latents.safetensors"))["train"]  # scaled, the training subjects only
+    assert mb.config.latent_mean == pytest.approx(train_latents.mean(dim=(0, 2, 3, 4)).tolist(), abs=1e-6)
+    assert mb.pipeline.latent_mean is not None and mb.metadata["latent_mean"] == list(mb.config.latent_mean)
     assert mb.metadata["intensity"]["normalisation"] == "percentile"
     assert mb.metadata["intensity"]["bias_correction"] is None
     assert (out / "report" / "loss_curves.png").exists()
@@ -437,8 +442,14 @@ def test_export_only_exports_the_folder_given(synth, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(first, copy)
     shutil.rmtree(first)
+    # a folder of an earlier version has no latent_mean in its state: the export takes it from the cached latents
+    state = json.loads((copy / "state.json").read_text())
+    mean = state.pop("latent_mean")
+    (copy / "state.json").write_text(json.dumps(state))
     run_cli([str(synth), "-o", str(copy), "--preset", "tiny", "--export-only", "--bundle", str(tmp_path / "b")])
-    assert load_bundle(tmp_path / "b").metadata["training"]["ldae_steps"] == 1
+    mb = load_bundle(tmp_path / "b")
+    assert mb.metadata["training"]["ldae_steps"] == 1
+    assert mb.config.latent_mean == pytest.approx(mean, abs=1e-6)
 
 
 def test_learning_rate_schedules():

@@ -96,7 +96,9 @@ def _readme(name: str, config: ModelConfig, metadata: dict, digest: str) -> str:
         "Latent diffusion autoencoder (LDAE) for T1w MRI, an ldae-bids model bundle.", "",
         f"- grid: {grid.get('shape')} at {grid.get('spacing')} mm, template {grid.get('template')}",
         f"- intensities: {metadata.get('intensity', {}).get('description', '[0, 1]')}",
-        f"- latent: {list(config.latent_shape)}, scale factor {config.latent_scale:.5g}",
+        f"- latent: {list(config.latent_shape)}, scale factor {config.latent_scale:.5g}"
+        + ("" if config.latent_mean is None else
+           ", channel means " + " / ".join(f"{v:.4f}" for v in config.latent_mean) + " (anchor of sampling)"),
         f"- y_sem: {config.semantic_encoder.emb_dim}-d",
         f"- training data: {train.get('data', 'n/a')}",
         f"- subjects: {train.get('n_train_subjects')} training, {train.get('n_val_subjects')} validation "

@@ -113,6 +113,9 @@ class ModelConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     image_shape: tuple[int, int, int] = (80, 96, 80)
     latent_scale: float = 1.0
+    # per-channel spatial mean of the scaled training latents (mean over subjects), which sampling from a
+    # random x_T anchors its clean-latent prediction to (LdaePipeline.sample); None in older bundles
+    latent_mean: tuple[float, ...] | None = None
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
@@ -142,6 +145,8 @@ class ModelConfig:
                 kwargs[key] = _from_dict(sub[key], value, f"{where} [{key}]")
             elif key == "image_shape":
                 kwargs[key] = tuple(int(v) for v in value)
+            elif key == "latent_mean":
+                kwargs[key] = None if value is None else tuple(float(v) for v in value)
             else:
                 kwargs[key] = float(value)
         config = cls(**kwargs)
@@ -159,6 +164,9 @@ class ModelConfig:
             raise ModelError(f"{where}: semantic encoder grid {sem.grid} != image shape {list(self.image_shape)}")
         if sem.pooling not in ("mean", "flatten"):
             raise ModelError(f"{where}: semantic encoder pooling {sem.pooling!r} is not 'mean' or 'flatten'")
+        if self.latent_mean is not None and len(self.latent_mean) != ae.latent_channels:
+            raise ModelError(f"{where}: latent_mean has {len(self.latent_mean)} values for {ae.latent_channels} "
+                             "latent channels")
         f = ae.downsampling * 2 ** (len(den.channels) - 1)
         if any(s % f for s in self.image_shape):
             raise ModelError(f"{where}: image shape {list(self.image_shape)} not divisible by {f}")

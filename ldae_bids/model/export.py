@@ -47,7 +47,8 @@ def export_bundle(settings, bundle: Path | None = None) -> Path:
     state = ckpt.read_state(out)
     if "latent_scale" not in state or not (out / "ldae-weights.safetensors").exists():
         raise MissingInputError(f"{out}: no stage-2 checkpoint to export yet")
-    model_cfg = dataclasses.replace(settings.model, latent_scale=float(state["latent_scale"]))
+    model_cfg = dataclasses.replace(settings.model, latent_scale=float(state["latent_scale"]),
+                                    latent_mean=_latent_mean(out, state))
     nets = build_networks(model_cfg)
     # the decoder phase's checkpoint holds the whole autoencoder: the same encoder, the refined decoder
     refined = state.get("dec_step", 0) > 0 and (out / "dec-weights.safetensors").exists()
@@ -72,6 +73,7 @@ def export_bundle(settings, bundle: Path | None = None) -> Path:
         "grid": mdata.grid_of(train_paths[0], settings.template),
         "intensity": intensity_spec(settings.normalisation, settings.bias_correction),
         "latent_scale": model_cfg.latent_scale,
+        "latent_mean": None if model_cfg.latent_mean is None else list(model_cfg.latent_mean),
         "training": {
             "preset": settings.preset,
             "data": settings.dataset_description,
@@ -98,6 +100,20 @@ def export_bundle(settings, bundle: Path | None = None) -> Path:
     save_bundle(target, pipeline, metadata, name=name)
     log.info("bundle written to %s", target)
     return Path(target)
+
+
+def _latent_mean(out: Path, state: dict) -> tuple[float, ...] | None:
+    """The training latents' channel means: from the run's state, else (a run started by an earlier version)
+    from its cached latents; None when neither has them."""
+    if "latent_mean" in state:
+        return tuple(state["latent_mean"])
+    if (out / "latents.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        from ldae_bids.model.stage2 import latent_channel_mean
+
+        return tuple(latent_channel_mean(load_file(str(out / "latents.safetensors"))["train"]))
+    return None
 
 
 def _init_record(path, model_cfg) -> dict | None:

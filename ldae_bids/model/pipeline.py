@@ -67,6 +67,8 @@ class LdaePipeline(nn.Module):
         self.denoiser = nets["denoiser"]
         self.scheduler = build_scheduler(config.scheduler)
         self.latent_scale = float(config.latent_scale)
+        self.latent_mean = None if config.latent_mean is None else \
+            torch.tensor(config.latent_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
         # "auto": bf16 autocast on CUDA, fp32 on the CPU unless set (the app's --precision, resolved by
         # ldae_bids.device.resolve_precision: bf16 on CPUs with native bf16); "fp32" or "bf16" on either
         self.precision = "auto"
@@ -145,7 +147,8 @@ class LdaePipeline(nn.Module):
 
     # ------------------------------------------------------------------ the sampling loop
     @torch.no_grad()
-    def ddim(self, x: torch.Tensor, y_sem: torch.Tensor, steps: int, invert: bool = False) -> torch.Tensor:
+    def ddim(self, x: torch.Tensor, y_sem: torch.Tensor, steps: int, invert: bool = False,
+             anchor_mean: bool = False) -> torch.Tensor:
         """Deterministic DDIM (eta = 0) between the clean latent and x_T.
 
         Parameters
@@ -158,6 +161,18 @@ class LdaePipeline(nn.Module):
             Number of DDIM steps.
         invert
             False: x_T -> latent (sampling). True: latent -> x_T (inversion).
+        anchor_mean
+            Sampling only, for a random x_T (:meth:`sample`): at every step, set the per-channel spatial mean
+            of the predicted clean latent to the training latents' (``config.latent_mean``; ignored when the
+            bundle has none) and take the step with the noise that this prediction implies. Every brain's
+            latent has nearly the same channel means (standard deviation 0.005 over the shipped model's
+            training subjects: the skull-stripped brain on a fixed grid), but a standard-normal x_T carries a
+            random one, which the denoiser cannot read at the first steps (where the clean-latent estimate
+            amplifies its error 157-fold) and the later steps keep: sampled latents came out with channel
+            means off by up to 1 and images too bright or too dark. An inverted x_T carries the subject's
+            own means, so reconstruction does not anchor (anchoring did not help it); the ``manipulate`` stage
+            does, since a code moved far along a probe lets the means drift (its counterfactuals saturated
+            sooner without).
 
         Returns
         -------
@@ -173,6 +188,8 @@ class LdaePipeline(nn.Module):
             pairs = [(dst, src) for src, dst in reversed(pairs)]  # clean -> noisy
         x = x.to(self.device, torch.float32)
         y_sem = y_sem.to(self.device, torch.float32)
+        mean = self.latent_mean.to(self.device) if anchor_mean and not invert and self.latent_mean is not None \
+            else None
         for src, dst in pairs:
             t_model = src if src is not None else dst  # the network is evaluated at the noisy node
             a_src = alphas[src] if src is not None else alphas.new_tensor(1.0)
@@ -181,6 +198,10 @@ class LdaePipeline(nn.Module):
             with self.autocast():
                 eps = self.denoiser(x, t, y_sem).float()
             x0 = (x - (1 - a_src).sqrt().float() * eps) / a_src.sqrt().float()
+            if mean is not None:
+                x0 = x0 - x0.mean(dim=(2, 3, 4), keepdim=True) + mean
+                if src is not None:  # the noise this clean latent implies (at the clean end there is none)
+                    eps = (x - a_src.sqrt().float() * x0) / (1 - a_src).sqrt().float()
             x = a_dst.sqrt().float() * x0 + (1 - a_dst).sqrt().float() * eps
         return x.contiguous()
 
@@ -194,9 +215,11 @@ class LdaePipeline(nn.Module):
         return EncodeOutput(y_sem=y_sem, x_T=x_T, latent=latent)
 
     @torch.no_grad()
-    def decode(self, x_T: torch.Tensor, y_sem: torch.Tensor, steps: int = 50) -> torch.Tensor:
-        """Images in [0, 1] from (x_T, y_sem) by DDIM sampling then the AE decoder."""
-        return self.decode_latent(self.ddim(x_T, y_sem, steps, invert=False))
+    def decode(self, x_T: torch.Tensor, y_sem: torch.Tensor, steps: int = 50, anchor_mean: bool = False
+               ) -> torch.Tensor:
+        """Images in [0, 1] from (x_T, y_sem) by DDIM sampling then the AE decoder (``anchor_mean``: see
+        :meth:`ddim`; for a random x_T)."""
+        return self.decode_latent(self.ddim(x_T, y_sem, steps, invert=False, anchor_mean=anchor_mean))
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, steps: int = 50) -> ReconstructOutput:
@@ -211,8 +234,10 @@ class LdaePipeline(nn.Module):
 
     @torch.no_grad()
     def sample(self, y_sem: torch.Tensor, generator: torch.Generator | None = None, steps: int = 50,
-               x_T: torch.Tensor | None = None) -> torch.Tensor:
-        """Images from semantic codes alone: random x_T (from ``generator``), then :meth:`decode`."""
+               x_T: torch.Tensor | None = None, anchor_mean: bool = True) -> torch.Tensor:
+        """Images from semantic codes alone: random x_T (from ``generator``), then :meth:`decode` with the
+        latent channel means anchored (``anchor_mean``, see :meth:`ddim`; a no-op for bundles without
+        ``latent_mean``)."""
         if x_T is None:
             x_T = self.random_x_T(y_sem.shape[0], generator)
-        return self.decode(x_T, y_sem, steps)
+        return self.decode(x_T, y_sem, steps, anchor_mean=anchor_mean)

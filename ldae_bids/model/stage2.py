@@ -62,8 +62,14 @@ def prepare_latents(settings, dist, ae, store, val_store, state) -> tuple[torch.
         barrier(dist)
     saved = load_file(str(path))
     scale = float(saved["scale"][0])
-    state.update(latent_scale=scale)
+    state.update(latent_scale=scale, latent_mean=latent_channel_mean(saved["train"]))
     return saved["train"], saved["val"], scale
+
+
+def latent_channel_mean(latents: torch.Tensor) -> list[float]:
+    """Per-channel spatial mean of scaled latents (N, C, D, H, W), averaged over the N images: the
+    ``latent_mean`` that sampling from a random x_T anchors to (:meth:`LdaePipeline.ddim`)."""
+    return [float(v) for v in latents.float().mean(dim=(0, 2, 3, 4))]
 
 
 def make_pipeline(model_cfg: ModelConfig, ae, semantic_encoder, denoiser):
@@ -156,7 +162,7 @@ def train_ldae(settings, dist, store, val_store, ae, latents, scale, state, logg
     from ldae_bids.model.networks import build_networks, build_scheduler
 
     tc, device = settings.train, dist.device
-    model_cfg = dataclasses.replace(settings.model, latent_scale=scale)
+    model_cfg = dataclasses.replace(settings.model, latent_scale=scale, latent_mean=tuple(state["latent_mean"]))
     torch.manual_seed(tc.seed + 1)
     nets = build_networks(model_cfg)
     carried = []

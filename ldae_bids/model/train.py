@@ -158,7 +158,8 @@ def load_init(settings: TrainSettings):
     mb = load_bundle(settings.init_from)
     theirs, ours = mb.config.to_dict(), settings.model.to_dict()
     for d in (theirs, ours):
-        d.pop("latent_scale", None)
+        d.pop("latent_scale", None)  # both recomputed from the new training latents
+        d.pop("latent_mean", None)
         d.pop("semantic_encoder", None)
     if theirs != ours:
         diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))

@@ -1,8 +1,9 @@
 """``manipulate``: counterfactual images by moving y_sem along a probe direction.
 
 For each saved probe and each strength alpha: ``y' = unscale(z(y) + alpha * sqrt(d) * w/|w|)``, decoded with
-the session's own x_T. With ``--strength-unit target`` a strength is the change of the probe's prediction asked
-for (``+10`` = ten years older for an age probe; log-odds for a two-class probe, the class's logit minus the
+the session's own x_T, with the latent channel means anchored to the training latents' (``LdaePipeline.ddim``;
+bundles that record them). With ``--strength-unit target`` a strength is the change of the probe's prediction
+asked for (``+10`` = ten years older for an age probe; log-odds for a two-class probe, the class's logit minus the
 mean logit with more classes), turned into ``alpha = change / (sqrt(d) |w|)``; files are then named
 ``desc-manip<Target>DeltaPlus10``. The result is re-encoded and the probe applied again, so the sidecar shows
 whether the attribute moved as asked (monotonically with the strength; ``change_reencoded`` is the change the
@@ -77,7 +78,7 @@ def probe_paths(settings) -> list[Path]:
 class ManipulateStage(Stage):
     name = "manipulate"
     level = Level.PARTICIPANT
-    version = "3"
+    version = "4"  # 4: decoding anchors the latent channel means (LdaePipeline.ddim)
     description = "counterfactual images along probe directions (needs probes from the group level)"
     requires = ("embed",)
     needs_model = True
@@ -120,7 +121,10 @@ class ManipulateStage(Stage):
                 alphas = [probe.alpha_for_change(a, cls) if unit_name == "target" else a for a in strengths]
                 edited = np.stack([probe.manipulate(y, a, cls) for a in alphas]).astype(np.float32)
                 y_t = torch.from_numpy(edited).to(ctx.device)
-                images = pipe.decode(xt.to(ctx.device).expand(len(alphas), *xt.shape[1:]), y_t, steps=steps)
+                # anchored channel means: a code moved far along the probe otherwise lets them drift, and the
+                # counterfactuals saturate sooner (benchmarks/results/analyses.md, manipulation)
+                images = pipe.decode(xt.to(ctx.device).expand(len(alphas), *xt.shape[1:]), y_t, steps=steps,
+                                     anchor_mean=True)
                 images = images.float().clamp(0, 1)
                 images = images * torch.from_numpy(mask).to(images.device)
                 reenc = pipe.encode_semantic(images).float().cpu().numpy()
@@ -143,6 +147,7 @@ class ManipulateStage(Stage):
                                            f"'{probe.target}' probe direction; x_T of the session kept.",
                             "Strength": a, "StrengthUnit": unit_name, "Alpha": alpha, "Probe": str(ppath),
                             "Target": probe.target, "DDIMSteps": steps,
+                            "AnchoredLatentMean": pipe.latent_mean is not None,
                             "ProbeScoreOriginal": float(score_orig), "ProbeScoreReconstruction": float(scores[0]),
                             "ProbeScoreManipulated": float(scores[i]),
                             "ProbeOutputChange": float(change[i]), "SkullStripped": True}
