@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -127,6 +128,12 @@ def test_config_round_trip_and_unknown_keys():
         ModelConfig.from_dict(bad)
     with pytest.raises(ModelError, match="unknown preset"):
         preset("huge")
+    # the training latents' channel means (older bundles have none)
+    anchored = dataclasses.replace(cfg, latent_mean=(0.5, -0.25))  # the tiny preset: two latent channels
+    assert ModelConfig.from_dict(json.loads(json.dumps(anchored.to_dict()))) == anchored
+    assert ModelConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k != "latent_mean"}).latent_mean is None
+    with pytest.raises(ModelError, match="latent_mean has 3 values for 2"):
+        ModelConfig.from_dict({**cfg.to_dict(), "latent_mean": [0.0, 1.0, 2.0]})
 
 
 # ---------------------------------------------------------------------------- pipeline
@@ -166,6 +173,32 @@ def test_sampling_is_deterministic_under_a_seed():
     b = pipe.sample(y, torch.Generator().manual_seed(3), steps=4)
     c = pipe.sample(y, torch.Generator().manual_seed(4), steps=4)
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_sampling_from_a_random_x_T_anchors_the_latent_channel_means():
+    """A random x_T carries random channel means that sampling would keep; ``sample`` anchors the clean-latent
+    prediction's channel means to the training latents' at every step. Decoding an inverted x_T (reconstruct,
+    manipulate, fill) and inversion itself do not anchor."""
+    from ldae_bids.model.pipeline import LdaePipeline
+
+    plain = tiny_pipeline()
+    target = (0.5, -0.25)
+    pipe = LdaePipeline(dataclasses.replace(plain.config, latent_mean=target),
+                        {"autoencoder": plain.autoencoder, "semantic_encoder": plain.semantic_encoder,
+                         "denoiser": plain.denoiser}).eval()
+    y = pipe.encode_semantic(images(2))
+    x_T = pipe.random_x_T(2, torch.Generator().manual_seed(1))
+    free = pipe.ddim(x_T, y, 6)
+    anchored = pipe.ddim(x_T, y, 6, anchor_mean=True)
+    want = torch.tensor(target).expand(2, 2)
+    assert torch.allclose(anchored.mean(dim=(2, 3, 4)), want, atol=1e-5)
+    assert (free.mean(dim=(2, 3, 4)) - want).abs().max() > 0.05
+    assert torch.equal(pipe.sample(y, steps=6, x_T=x_T), pipe.decode_latent(anchored))
+    assert torch.equal(pipe.decode(x_T, y, steps=6), pipe.decode_latent(free))  # decode: as given
+    latent = pipe.encode_latent(images(2))
+    assert torch.equal(pipe.ddim(latent, y, 6, invert=True, anchor_mean=True), pipe.ddim(latent, y, 6, invert=True))
+    # without latent_mean (older bundles), sample is plain DDIM
+    assert torch.equal(plain.sample(y, steps=6, x_T=x_T), plain.decode_latent(free))
 
 
 # ---------------------------------------------------------------------------- bundles
@@ -371,9 +404,10 @@ def test_onednn_routing_matches_pytorch_and_keeps_gradients():
     assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
 
 
-def test_channels_last_weights_give_the_same_results():
+def test_channels_last_weights_give_the_same_results(monkeypatch):
     """set_memory_format lays the 5-D weights out NDHWC; results agree with the NCDHW layout to float32
-    rounding and the pipeline's outputs stay NCDHW-contiguous (safetensors and numpy writers rely on it)."""
+    rounding and the pipeline's outputs stay NCDHW-contiguous (safetensors and numpy writers rely on it).
+    The oneDNN inference path (cpu_conv.py) hands each convolution its input in the weights' layout."""
     pipe = tiny_pipeline()
     x = torch.rand(2, 1, *pipe.config.image_shape)
     ref = pipe.reconstruct(x, steps=3)
@@ -381,7 +415,20 @@ def test_channels_last_weights_give_the_same_results():
     assert pipe.set_memory_format("channels_last") is pipe and pipe.memory_format == "channels_last"
     assert conv_weights and all(p.is_contiguous(memory_format=torch.channels_last_3d) and not p.is_contiguous()
                                 for p in conv_weights if p.shape[1] > 1 and p.shape[2:].numel() > 1)
+    calls = []
+    onednn = torch.mkldnn_convolution
+
+    def spy(x, w, *args):
+        calls.append((x.is_contiguous(memory_format=torch.channels_last_3d), w.is_contiguous()))
+        return onednn(x, w, *args)
+
+    if torch.backends.mkldnn.is_available():
+        monkeypatch.setattr(torch, "mkldnn_convolution", spy)
     out = pipe.reconstruct(x, steps=3)
+    monkeypatch.undo()
+    if torch.backends.mkldnn.is_available():  # NDHWC weights (not also NCDHW) get NDHWC inputs
+        assert calls and any(not w_plain for _, w_plain in calls)
+        assert all(x_last for x_last, w_plain in calls if not w_plain)
     for a, b in ((out.images, ref.images), (out.x_T, ref.x_T), (out.y_sem, ref.y_sem)):
         assert a.is_contiguous() and torch.allclose(a, b, atol=1e-4, rtol=1e-3)
     assert pipe.encode_latent(x).is_contiguous()

@@ -17,11 +17,19 @@ import torch
 from torch import nn
 
 
+def _is_channels_last(w: torch.Tensor) -> bool:
+    """Whether a 5-D weight is laid out NDHWC (a 1x1x1 kernel with one input channel is both: NCDHW wins)."""
+    return w.is_contiguous(memory_format=torch.channels_last_3d) and not w.is_contiguous()
+
+
 def _forward(self: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
     if (x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.dtype == torch.float32
             and x.dim() == 5 and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")):
-        return torch.mkldnn_convolution(x.contiguous(), self.weight, self.bias, self.padding, self.stride,
-                                        self.dilation, self.groups)
+        # the input follows the weights' layout (``LdaePipeline.set_memory_format``): oneDNN then runs its
+        # channels-last kernel instead of converting the activations back to NCDHW at every convolution
+        layout = torch.channels_last_3d if _is_channels_last(self.weight) else torch.contiguous_format
+        return torch.mkldnn_convolution(x.contiguous(memory_format=layout), self.weight, self.bias, self.padding,
+                                        self.stride, self.dilation, self.groups)
     return nn.Conv3d.forward(self, x)
 
 
