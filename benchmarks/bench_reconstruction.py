@@ -5,7 +5,8 @@ For each validation subject (model-ready ``sub-<label>_desc-preproc_T1w.nii.gz``
 
 - the autoencoder alone (the ceiling of every LDAE reconstruction);
 - LDAE with x_T from deterministic DDIM inversion, at each of ``--steps`` DDIM steps;
-- LDAE from y_sem alone with a random x_T (seeded), at ``--random-steps`` steps.
+- LDAE from y_sem alone with a random x_T (seeded), at ``--random-steps`` steps (channel means anchored when
+  the bundle records them, and the same draws without: ``random_free``).
 
 It also measures whether the denoiser uses y_sem at all (``ysem_use``): the noise-prediction
 error with each subject's own y_sem against another validation subject's, at fixed timesteps
@@ -107,7 +108,10 @@ def markdown(result: dict) -> str:
         "only: different data, resolution, model size and training budget.",
         "Methods: `ae` = autoencoder only; `ldae_N` = DDIM inversion to x_T then N-step DDIM decoding, conditioned "
         "on y_sem; `random` = y_sem with a random x_T (seeded), decoded with "
-        f"{result['random_steps']} steps.", "",
+        f"{result['random_steps']} steps" + (
+            "; the bundle records its training latents' channel means, so `random` anchors the predicted clean "
+            "latent's channel means to them at every step (`LdaePipeline.ddim`), and `random_free` decodes the "
+            "same x_T without." if "random_free" in s else "."), "",
     ]
     use = result.get("ysem_use")
     if use:
@@ -166,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     steps = [int(s) for s in args.steps.split(",") if s]
     names = {"ae": "autoencoder only", **{f"ldae_{n}": f"LDAE, inverted x_T, {n} steps" for n in steps},
              "random": f"LDAE, y_sem + random x_T, {args.random_steps} steps"}
+    anchored = pipe.latent_mean is not None  # the bundle records the latent channel means: sample() anchors them
+    if anchored:
+        names["random"] += " (channel means anchored)"
+        names["random_free"] = f"LDAE, y_sem + the same random x_T, {args.random_steps} steps, not anchored"
     rows = []
     bs = max(1, args.batch_size)
     for start in range(0, len(pairs), bs):
@@ -190,8 +198,11 @@ def main(argv: list[str] | None = None) -> int:
         score("ae", lambda: pipe.autoencode(x))
         for n in steps:
             score(f"ldae_{n}", lambda n=n: pipe.reconstruct(x, steps=n).images)
-        gen = torch.Generator().manual_seed(args.seed + start)
-        score("random", lambda: pipe.sample(pipe.encode_semantic(x), gen, steps=args.random_steps))
+        x_T = pipe.random_x_T(len(chunk), torch.Generator().manual_seed(args.seed + start))
+        score("random", lambda: pipe.sample(pipe.encode_semantic(x), steps=args.random_steps, x_T=x_T))
+        if anchored:  # what anchoring changes, on the same draws
+            score("random_free", lambda: pipe.sample(pipe.encode_semantic(x), steps=args.random_steps, x_T=x_T,
+                                                     anchor_mean=False))
         for j, (label, _, _) in enumerate(chunk):
             rows.append({"subject": label, "methods": methods[j]})
             print(f"[{start + j + 1}/{len(pairs)}] sub-{label}: " + ", ".join(

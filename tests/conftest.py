@@ -31,11 +31,14 @@ def _nifti(path: Path, shape=(24, 28, 24), seed=0, zooms=(2.0, 2.0, 2.0)) -> Non
     nib.save(nib.Nifti1Image(data, affine), str(path))
 
 
-def save_tiny_bundle(path: Path, metadata: dict):
+def save_tiny_bundle(path: Path, metadata: dict, latent_mean: tuple[float, ...] | None = None):
     """A bundle of the tiny preset with random weights (seed 0) on a 10 mm grid centred like the compact one.
 
-    ``metadata`` is completed with that grid; returns ``(path, grid)``.
+    ``metadata`` is completed with that grid; ``latent_mean``: the config's latent channel means (two values).
+    Returns ``(path, grid)``.
     """
+    import dataclasses
+
     import torch
 
     from ldae_bids.model.bundle import save_bundle
@@ -45,12 +48,14 @@ def save_tiny_bundle(path: Path, metadata: dict):
 
     torch.manual_seed(0)
     cfg, _ = preset("tiny")
+    cfg = dataclasses.replace(cfg, latent_mean=latent_mean)
     grid = Grid.centred_like(Grid.compact(), cfg.image_shape, 10.0, name="tiny")
     save_bundle(path, LdaePipeline(cfg).eval(), {"grid": grid.to_dict(), **metadata})
     return path, grid
 
 
-def split_bundle_and_images(root: Path, labels=("t1", "v1", "v2", "v3"), masks: bool = True):
+def split_bundle_and_images(root: Path, labels=("t1", "v1", "v2", "v3"), masks: bool = True,
+                            latent_mean: tuple[float, ...] | None = None):
     """A tiny bundle whose split is ``t1`` (training) and ``v1``-``v3`` (validation), and model-ready images.
 
     The images (one random 8-voxel cube each, seed 0, in the order of ``labels``) are written to ``root/data``
@@ -62,7 +67,8 @@ def split_bundle_and_images(root: Path, labels=("t1", "v1", "v2", "v3"), masks: 
     from ldae_bids.model.config import preset
 
     bundle, grid = save_tiny_bundle(root / "bundle", {
-        "licence": "CC0", "training": {"split": {"train": ["t1"], "validation": ["v1", "v2", "v3"]}}})
+        "licence": "CC0", "training": {"split": {"train": ["t1"], "validation": ["v1", "v2", "v3"]}}},
+        latent_mean=latent_mean)
     cfg, _ = preset("tiny")
     data = root / "data"
     data.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,18 @@ def test_validation_subjects_only_and_batching_does_not_change_scores(setup, tmp
     assert len(one["ysem_use"]["gain"]) == 5 and "Does the denoiser use y_sem?" in md
 
 
+def test_a_bundle_with_latent_channel_means_is_also_sampled_without_anchoring(tmp_path):
+    from conftest import split_bundle_and_images
+
+    bundle, _, data = split_bundle_and_images(tmp_path, latent_mean=(0.3, -0.3))
+    res = _run((bundle, data), tmp_path / "out", 3)
+    assert set(res["summary"]) == {"ae", "ldae_2", "ldae_3", "random", "random_free"}
+    assert "not anchored" in res["labels"]["random_free"] and "anchored" in res["labels"]["random"]
+    # the same draws, decoded two ways: different images
+    assert all(r["methods"]["random"]["mse"] != r["methods"]["random_free"]["mse"] for r in res["subjects"])
+    assert "`random_free` decodes the same x_T without" in (tmp_path / "out" / "reconstruction.md").read_text()
+
+
 def test_ysem_use_is_zero_exactly_when_the_denoiser_ignores_the_code():
     import torch
 
