@@ -95,10 +95,10 @@ def resolve_memory_format(device, precision: str) -> str:
     """How the networks' weights are laid out for inference: ``channels_last`` (NDHWC) where it was
     measured faster, ``contiguous`` (NCDHW) elsewhere.
 
-    On the CPU under bf16 oneDNN's channels-last 3-D convolutions are faster: autoencoder decoder 1.2-1.45x,
-    denoiser step 1.1x, a 20-step reconstruction 1.14x (``benchmarks/bench_memory_format.py``); in fp32
-    the CPU path of ``ldae_bids.model.cpu_conv`` is faster contiguous (channels-last: 0.76x). On CUDA it
-    is not measured yet, so the layout stays contiguous there. (Training: ``model.loop.lay_out_autoencoder``.)
+    On the CPU under bf16 oneDNN's channels-last 3-D convolutions are faster: autoencoder 1.25-1.45x, a
+    20-step reconstruction 1.1x (``benchmarks/bench_memory_format.py``); in fp32 a reconstruction is within
+    the timing noise either way at batch 1 (0.91x-1.04x), so the layout stays contiguous. On CUDA it is not
+    measured yet, so the layout stays contiguous there. (Training: ``model.loop.lay_out_autoencoder``.)
     """
     return "channels_last" if device.type == "cpu" and resolve_precision(device, precision) == "bf16" \
         else "contiguous"
