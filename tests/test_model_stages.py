@@ -170,6 +170,17 @@ def test_manipulate_without_probe_fails_clearly(prepared, capsys):
     assert "no saved probe" in capsys.readouterr().err
 
 
+def test_manipulate_anchor_option_is_yes_or_no(prepared, tmp_path, capsys):
+    from ldae_bids.analysis.probe import fit_probe, save_probe
+
+    bids, out, bundle = prepared
+    X = np.random.default_rng(0).normal(size=(30, 16))
+    probe = save_probe(fit_probe(X, X[:, 0], np.arange(30), n_boot=0, target="age").probe, tmp_path / "p.json")
+    assert _run(bids, out, bundle, "--stages", "manipulate", "--probe", probe,
+                "--stage-option", "manipulate.anchor_mean=maybe") == 64
+    assert "manipulate.anchor_mean=maybe: give yes or no" in capsys.readouterr().err
+
+
 def test_missing_model_bundle_exits_66(prepared, tmp_path, capsys):
     bids, out, _ = prepared
     assert _run(bids, out, tmp_path / "nope", "--stages", "embed") == 66

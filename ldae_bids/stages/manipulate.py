@@ -2,9 +2,10 @@
 
 For each saved probe and each strength alpha: ``y' = unscale(z(y) + alpha * sqrt(d) * w/|w|)``, decoded with
 the session's own x_T, with the latent channel means anchored to the training latents' (``LdaePipeline.ddim``;
-bundles that record them). With ``--strength-unit target`` a strength is the change of the probe's prediction
-asked for (``+10`` = ten years older for an age probe; log-odds for a two-class probe, the class's logit minus the
-mean logit with more classes), turned into ``alpha = change / (sqrt(d) |w|)``; files are then named
+bundles that record them; ``--stage-option manipulate.anchor_mean=no`` decodes without). With
+``--strength-unit target`` a strength is the change of the probe's prediction asked for (``+10`` = ten years
+older for an age probe; log-odds for a two-class probe, the class's logit minus the mean logit with more
+classes), turned into ``alpha = change / (sqrt(d) |w|)``; files are then named
 ``desc-manip<Target>DeltaPlus10``. The result is re-encoded and the probe applied again, so the sidecar shows
 whether the attribute moved as asked (monotonically with the strength; ``change_reencoded`` is the change the
 re-encoded image shows, to compare with the change asked).
@@ -94,7 +95,8 @@ class ManipulateStage(Stage):
                              f"(desc-manip{target_name(targets[clash[1]])}...): give one of them (--probe)")
         return {"strengths": list(settings.strengths), "strength_unit": settings.strength_unit, "ddim_steps": settings.ddim_steps,
                 "probes": {str(p): digest(p) for p in paths},
-                "class": settings.stage_option(self.name, "class")}
+                "class": settings.stage_option(self.name, "class"),
+                "anchor_mean": anchor_option(settings.stage_option(self.name, "anchor_mean", "yes"))}
 
     def run(self, ctx: StageContext, unit: SubjectInput) -> None:
         import pandas as pd
@@ -107,6 +109,7 @@ class ManipulateStage(Stage):
         unit_name = ctx.settings.strength_unit
         strengths = [0.0] + [a for a in ctx.settings.strengths if a != 0.0]
         cls = ctx.option("class")
+        anchor = anchor_option(ctx.option("anchor_mean", "yes")) == "yes"
         probes = [(p, read_probe(p)) for p in probe_paths(ctx.settings)]
         for ses in unit.sessions:
             data, mask, src = load_preproc(ctx, ses)
@@ -124,7 +127,7 @@ class ManipulateStage(Stage):
                 # anchored channel means: a code moved far along the probe otherwise lets them drift, and the
                 # counterfactuals saturate sooner (benchmarks/results/analyses.md, manipulation)
                 images = pipe.decode(xt.to(ctx.device).expand(len(alphas), *xt.shape[1:]), y_t, steps=steps,
-                                     anchor_mean=True)
+                                     anchor_mean=anchor)
                 images = images.float().clamp(0, 1)
                 images = images * torch.from_numpy(mask).to(images.device)
                 reenc = pipe.encode_semantic(images).float().cpu().numpy()
@@ -147,7 +150,7 @@ class ManipulateStage(Stage):
                                            f"'{probe.target}' probe direction; x_T of the session kept.",
                             "Strength": a, "StrengthUnit": unit_name, "Alpha": alpha, "Probe": str(ppath),
                             "Target": probe.target, "DDIMSteps": steps,
-                            "AnchoredLatentMean": pipe.latent_mean is not None,
+                            "AnchoredLatentMean": anchor and pipe.latent_mean is not None,
                             "ProbeScoreOriginal": float(score_orig), "ProbeScoreReconstruction": float(scores[0]),
                             "ProbeScoreManipulated": float(scores[i]),
                             "ProbeOutputChange": float(change[i]), "SkullStripped": True}
@@ -179,6 +182,14 @@ class ManipulateStage(Stage):
                 fig = image_rows([(f"{what} {strengths[j]:+g}: {score_name} {scores[j]:.3g}", vols[j]) for j in order],
                                  f"{ses.key}: manipulation along {probe.target} (monotonic: {monotonic})")
                 ctx.writer.write_figure(fig, {**ses.entities, "desc": f"manipulation{label}", "suffix": "T1w"})
+
+
+def anchor_option(value: str) -> str:
+    """``manipulate.anchor_mean``: ``yes`` (default) decodes with the latent channel means anchored, ``no`` as
+    the method does (plain DDIM from the session's x_T)."""
+    if value not in ("yes", "no"):
+        raise UsageError(f"manipulate.anchor_mean={value}: give yes or no")
+    return value
 
 
 def _score(probe, X: np.ndarray, cls) -> np.ndarray:
