@@ -12,7 +12,7 @@ record the batch sizes the app chose and the peak it reached.
 Usage::
 
     python benchmarks/bench_memory.py [--bids ../shared/data/ixi] [--batch-sizes 1 2 4] [--ddim-steps 20] \\
-        [--device cpu] [--nprocs 2] [--check-mem 2GB] [--work /tmp/bench-memory] [--out benchmarks/results]
+        [--device cpu] [--precision auto] [--nprocs 2] [--check-mem 2GB] [--work /tmp/bench-memory] [--out benchmarks/results]
 
 Writes ``memory.json`` and ``memory.md`` to ``--out``. Exits 0 with a message when the data folder is absent.
 """
@@ -55,7 +55,7 @@ def run(args) -> dict:
         app = App(work, model, args.nprocs, validate=False)
         rec, usage = call(app, f"batch-{b}", args.bids, work / "out", "participant", "--participant-label",
                           *labels[:b], "--stages", *STAGES, "--batch-size", str(b), "--device", args.device,
-                          "--ddim-steps", str(args.ddim_steps))
+                          "--precision", args.precision, "--ddim-steps", str(args.ddim_steps))
         if rec["failed"]:
             raise BenchError(f"batch {b}: subjects failed: {rec['failed']}")
         peaks = {r["stage"]: float(r["peak_rss_mb"]) for r in usage if r.get("status") == "done"}
@@ -71,7 +71,7 @@ def run(args) -> dict:
         app = App(work, model, args.nprocs, validate=False)
         rec, usage = call(app, "check-mem", args.bids, work / "out", "participant", "--participant-label",
                           *labels[:b], "--stages", *STAGES, "--batch-size", str(b), "--mem", args.check_mem,
-                          "--device", args.device, "--ddim-steps", str(args.ddim_steps))
+                          "--device", args.device, "--precision", args.precision, "--ddim-steps", str(args.ddim_steps))
         if rec["failed"]:
             raise BenchError(f"check-mem: subjects failed: {rec['failed']}")
         from ldae_bids.memory import parse_memory
@@ -88,12 +88,15 @@ def run(args) -> dict:
             slope, intercept = np.polyfit(sizes, peak, 1)
             fits[stage] = {"per_subject_mb": float(slope), "intercept_mb": float(intercept)}
     info = bundle_info(model)
-    est = estimate_for_bundle(model)
+    from ldae_bids.device import resolve_precision, select_device
+
+    precision = resolve_precision(select_device(args.device), args.precision)
+    est = estimate_for_bundle(model, precision)
     return {
         "command": "python benchmarks/bench_memory.py " + " ".join(args.argv),
         "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(args.device),
         "settings": {"batch_sizes": list(args.batch_sizes), "ddim_steps": args.ddim_steps, "device": args.device,
-                     "nprocs": args.nprocs},
+                     "precision": args.precision, "resolved_precision": precision, "nprocs": args.nprocs},
         "bundle": {k: info[k] for k in ("name", "content_hash")},
         "runs": rows, "fits": fits,
         "estimate": est, "check_mem": check,
@@ -106,7 +109,8 @@ def markdown(rep: dict) -> str:
     L = ["# Peak host memory by batch size (calibration of `--mem`)", "",
          f"Date: {rep['date']}. Command: `{rep['command']}`", "",
          f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, " + (f"GPU {m['gpu']}" if m["gpu"] else "no GPU")
-         + f"; torch {m['torch']}. Device `{st['device']}`, DDIM steps {st['ddim_steps']}. Model bundle "
+         + f"; torch {m['torch']}. Device `{st['device']}`, precision `{st['precision']}` "
+         f"({st['resolved_precision']}), DDIM steps {st['ddim_steps']}. Model bundle "
          f"`{rep['bundle']['name']}` (`{rep['bundle']['content_hash'][:12]}...`).", "",
          "Each batch size ran in a fresh app process on that many IXI subjects (one batch); the peak is the "
          "process's peak resident memory after the stage (from `logs/resources-<run id>.tsv`; it never decreases, "
@@ -122,7 +126,8 @@ def markdown(rep: dict) -> str:
         L.append(f"| {s} | {f['per_subject_mb']:.0f} | {f['intercept_mb']:.0f} |")
     L += ["", f"The app's estimate for this bundle (`ldae_bids.memory.estimate_for_bundle`, used by `--mem`): "
               f"{est['per_subject_mb']:.0f} MiB per subject in a batch on top of {est['base_mb']:.0f} MiB "
-              f"(grid {'x'.join(map(str, est['grid']))}, autoencoder width {est['first_channels']}).", "",
+              f"(grid {'x'.join(map(str, est['grid']))}, autoencoder width {est['first_channels']}, "
+              f"{est['precision']}).", "",
           ""]
     est_rows = [f"| {r['batch_size']} | {est['base_mb'] + r['batch_size'] * est['per_subject_mb']:.0f} | "
                 f"{r['peak_rss_mb']['reconstruct']:.0f} |" for r in rep["runs"]]
@@ -145,6 +150,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--ddim-steps", type=int, default=20)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                    help="the app's --precision (auto: bf16 on a GPU and on CPUs with native bf16)")
     ap.add_argument("--nprocs", type=int, default=None)
     ap.add_argument("--check-mem", default="2GB",
                     help="then run the largest batch size under this --mem and record what the app did ('' to skip)")

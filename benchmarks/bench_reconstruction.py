@@ -6,7 +6,10 @@ For each validation subject (model-ready ``sub-<label>_desc-preproc_T1w.nii.gz``
 - the autoencoder alone (the ceiling of every LDAE reconstruction);
 - LDAE with x_T from deterministic DDIM inversion, at each of ``--steps`` DDIM steps;
 - LDAE from y_sem alone with a random x_T (seeded), at ``--random-steps`` steps (channel means anchored when
-  the bundle records them, and the same draws without: ``random_free``).
+  the bundle records them, and the same draws without: ``random_free``);
+- when the bundle records the channel means, LDAE with inverted x_T decoded with them anchored, at each of
+  ``--anchored-steps`` (``ldae_<n>_anchored``): whether anchoring would help reconstruction too (the app's
+  ``reconstruct`` and ``fill-missing-sessions`` stages decode without it).
 
 It also measures whether the denoiser uses y_sem at all (``ysem_use``): the noise-prediction
 error with each subject's own y_sem against another validation subject's, at fixed timesteps
@@ -113,6 +116,17 @@ def markdown(result: dict) -> str:
             "latent's channel means to them at every step (`LdaePipeline.ddim`), and `random_free` decodes the "
             "same x_T without." if "random_free" in s else "."), "",
     ]
+    pairs = [(f"ldae_{n}", f"ldae_{n}_anchored") for n in result["steps"] if f"ldae_{n}_anchored" in s]
+    if pairs:
+        by_subject = {m: np.array([r["methods"][m]["ssim"] for r in result["subjects"]]) for p in pairs for m in p}
+        lines += ["`ldae_N_anchored` = the same inversion, decoded with the channel means anchored (the reconstruct "
+                  "stage does not anchor). Paired over subjects, whole-volume SSIM:", "",
+                  "| steps | plain | anchored | anchored - plain (mean) | subjects better anchored |", "|---|---|---|---|---|"]
+        for plain, anch in pairs:
+            d = by_subject[anch] - by_subject[plain]
+            lines.append(f"| {plain.split('_')[1]} | {s[plain]['ssim']['mean']:.4f} | {s[anch]['ssim']['mean']:.4f} | "
+                         f"{d.mean():+.4f} | {int((d > 0).sum())}/{d.size} |")
+        lines.append("")
     use = result.get("ysem_use")
     if use:
         lines += [
@@ -134,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=Path("/work/cache/ixi-preproc"))
     ap.add_argument("--steps", default="10,20,50,100", help="comma-separated DDIM step counts")
     ap.add_argument("--random-steps", type=int, default=50)
+    ap.add_argument("--anchored-steps", default="10,20",
+                    help="comma-separated DDIM step counts of the anchored reconstructions (empty: none)")
     ap.add_argument("--limit", type=int, default=None, help="at most this many validation subjects")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=4, help="subjects per batch (seconds are per subject)")
@@ -174,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     if anchored:
         names["random"] += " (channel means anchored)"
         names["random_free"] = f"LDAE, y_sem + the same random x_T, {args.random_steps} steps, not anchored"
+        anchored_steps = [int(n) for n in args.anchored_steps.split(",") if n]
+        names.update({f"ldae_{n}_anchored": f"LDAE, inverted x_T, {n} steps, decoded with the channel means "
+                                             "anchored" for n in anchored_steps})
+    else:
+        anchored_steps = []
     rows = []
     bs = max(1, args.batch_size)
     for start in range(0, len(pairs), bs):
@@ -198,6 +219,12 @@ def main(argv: list[str] | None = None) -> int:
         score("ae", lambda: pipe.autoencode(x))
         for n in steps:
             score(f"ldae_{n}", lambda n=n: pipe.reconstruct(x, steps=n).images)
+        for n in anchored_steps:  # the same inversion, then the anchored decoding (timed together, as ldae_<n>)
+            def anchored_reconstruction(n=n):
+                enc = pipe.encode(x, steps=n)
+                return pipe.decode(enc.x_T, enc.y_sem, steps=n, anchor_mean=True)
+
+            score(f"ldae_{n}_anchored", anchored_reconstruction)
         x_T = pipe.random_x_T(len(chunk), torch.Generator().manual_seed(args.seed + start))
         score("random", lambda: pipe.sample(pipe.encode_semantic(x), steps=args.random_steps, x_T=x_T))
         if anchored:  # what anchoring changes, on the same draws

@@ -71,6 +71,7 @@ def print_stages() -> None:
     table = Table(title="Installed ldae-bids stages")
     for col in ("stage", "level", "version", "default", "requires", "package", "description"):
         table.add_column(col)
+    options = []
     for info in Registry().info():
         if info.error:
             table.add_row(info.name, "?", "?", "", "", f"{info.distribution} {info.dist_version}",
@@ -78,7 +79,16 @@ def print_stages() -> None:
         else:
             table.add_row(info.name, info.level, info.version, "yes" if info.default else "no",
                           ", ".join(info.requires), f"{info.distribution} {info.dist_version}", info.description)
-    Console().print(table)
+            options += [(f"{info.name}.{key}", text) for key, text in info.options]
+    console = Console()
+    console.print(table)
+    if options:
+        opts = Table(title="Stage options (--stage-option STAGE.KEY=VALUE)")
+        opts.add_column("option")
+        opts.add_column("values, default: meaning")
+        for row in options:
+            opts.add_row(*row)
+        console.print(opts)
 
 
 def _check_output(settings: Settings) -> None:
@@ -123,6 +133,7 @@ def main_run(settings: Settings) -> int:
 
     set_threads(settings.nprocs, settings.omp_nthreads)
     registry = Registry()
+    registry.check_options(settings.stage_options)
     plan = [] if settings.reports_only else registry.plan(settings.analysis_level, settings.stages,
                                                            settings.skip_stages)
     log.info("stages: %s", ", ".join(s.name for s in plan) or "none")

@@ -20,11 +20,13 @@ from pathlib import Path
 from ldae_bids.errors import UsageError
 
 # Calibration (benchmarks/results/memory.md, CPU, shipped compact bundle: 80x96x80 grid, width 16): the peak
-# after reconstruct at batch sizes 1, 2, 4, 8 follows about 750 MiB + 290 MiB per subject (least squares over
-# two runs), i.e. about 30 bytes per voxel and channel of the autoencoder's first level. The base is set higher,
-# 1000 MiB, for the run-to-run spread (about 100 MiB) and for several batches in one process: with a base of
-# 900 MiB, --mem 2GB ran batches of 4 and peaked at 2041 MiB, too close to the limit.
-BYTES_PER_VOXEL_CHANNEL = 30.0
+# after reconstruct at batch sizes 1, 2, 4, 8 follows about 825 MiB + 291 MiB per subject in fp32 and 703 MiB +
+# 162 MiB per subject under bf16 autocast (2026-12-07, run 8's bundle; `--precision fp32` and `auto` on a CPU with
+# native bf16), i.e. about 30 and 17 bytes per voxel and channel of the autoencoder's first level. bf16 is set
+# at 18. The base is set higher, 1000 MiB, for the run-to-run spread (about 100 MiB) and for several batches in
+# one process: with a base of 900 MiB, --mem 2GB ran batches of 4 and peaked at 2041 MiB, too close to
+# the limit.
+BYTES_PER_VOXEL_CHANNEL = {"fp32": 30.0, "bf16": 18.0}
 BASE_MB = 1000.0
 
 _UNITS = {"": 1.0, "B": 1 / 2**20, "K": 1 / 2**10, "M": 1.0, "G": 2**10, "T": 2**20}
@@ -56,18 +58,19 @@ def peak_rss_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
-def subject_mb(grid_shape, first_channels: int) -> float:
-    """Estimated host memory (MiB) one more subject in a batch costs."""
+def subject_mb(grid_shape, first_channels: int, precision: str = "fp32") -> float:
+    """Estimated host memory (MiB) one more subject in a batch costs, under ``precision`` (bf16 or fp32)."""
     voxels = math.prod(int(n) for n in grid_shape)
-    return voxels * int(first_channels) * BYTES_PER_VOXEL_CHANNEL / 2**20
+    return voxels * int(first_channels) * BYTES_PER_VOXEL_CHANNEL[precision] / 2**20
 
 
-def estimate_for_bundle(path: Path) -> dict:
-    """The estimate for a model bundle folder, from its config.json (no weights read)."""
+def estimate_for_bundle(path: Path, precision: str = "fp32") -> dict:
+    """The estimate for a model bundle folder under ``precision``, from its config.json (no weights read)."""
     config = json.loads((Path(path) / "config.json").read_text())
     grid = [int(n) for n in config["image_shape"]]
     first = int(config["autoencoder"]["channels"][0])
-    return {"grid": grid, "first_channels": first, "per_subject_mb": subject_mb(grid, first), "base_mb": BASE_MB}
+    return {"grid": grid, "first_channels": first, "precision": precision,
+            "per_subject_mb": subject_mb(grid, first, precision), "base_mb": BASE_MB}
 
 
 def max_batch(mem_mb: float, per_subject: float, base_mb: float = BASE_MB) -> int:

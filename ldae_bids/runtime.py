@@ -103,9 +103,9 @@ class Resources:
         from ldae_bids.memory import estimate_for_bundle, subject_mb
 
         try:
-            return float(estimate_for_bundle(self.model_path)["per_subject_mb"])
+            return float(estimate_for_bundle(self.model_path, self.precision)["per_subject_mb"])
         except (OSError, ValueError, KeyError, TypeError, IndexError):  # no readable bundle: the compact width
-            return subject_mb(self.grid.shape, 16)
+            return subject_mb(self.grid.shape, 16, self.precision)
 
     @cached_property
     def intensity(self) -> dict[str, Any]:

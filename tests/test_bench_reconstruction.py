@@ -21,10 +21,11 @@ def setup(tmp_path_factory):
     return bundle, data
 
 
-def _run(setup, out, batch):
+def _run(setup, out, batch, *extra):
     bundle, data = setup
     assert _bench().main(["--bundle", str(bundle), "--data", str(data), "--steps", "2,3", "--random-steps", "2",
-                          "--batch-size", str(batch), "--threads", "1", "--device", "cpu", "--out", str(out)]) == 0
+                          "--batch-size", str(batch), "--threads", "1", "--device", "cpu", "--out", str(out),
+                          *extra]) == 0
     return json.loads((out / "reconstruction.json").read_text())
 
 
@@ -49,12 +50,16 @@ def test_a_bundle_with_latent_channel_means_is_also_sampled_without_anchoring(tm
     from conftest import split_bundle_and_images
 
     bundle, _, data = split_bundle_and_images(tmp_path, latent_mean=(0.3, -0.3))
-    res = _run((bundle, data), tmp_path / "out", 3)
-    assert set(res["summary"]) == {"ae", "ldae_2", "ldae_3", "random", "random_free"}
+    res = _run((bundle, data), tmp_path / "out", 3, "--anchored-steps", "2")
+    assert set(res["summary"]) == {"ae", "ldae_2", "ldae_3", "random", "random_free", "ldae_2_anchored"}
     assert "not anchored" in res["labels"]["random_free"] and "anchored" in res["labels"]["random"]
-    # the same draws, decoded two ways: different images
+    # the same draws (and the same inversions), decoded two ways: different images
     assert all(r["methods"]["random"]["mse"] != r["methods"]["random_free"]["mse"] for r in res["subjects"])
-    assert "`random_free` decodes the same x_T without" in (tmp_path / "out" / "reconstruction.md").read_text()
+    assert all(r["methods"]["ldae_2"]["mse"] != r["methods"]["ldae_2_anchored"]["mse"] for r in res["subjects"])
+    md = (tmp_path / "out" / "reconstruction.md").read_text()
+    assert "`random_free` decodes the same x_T without" in md
+    assert "| steps | plain | anchored | anchored - plain (mean) | subjects better anchored |" in md
+    assert md.count("/3 |") == 1  # one paired row, over the 3 validation subjects
 
 
 def test_ysem_use_is_zero_exactly_when_the_denoiser_ignores_the_code():

@@ -261,3 +261,20 @@ def test_list_stages_shows_builtin_and_example_plugin(capsys, monkeypatch):
     assert run("--list-stages") == 0
     out = capsys.readouterr().out
     assert "example-qc" in out and "ldae-bids-example" in out and "participant" in out
+    # the declared --stage-options, built-in and plugin
+    assert "example-qc.corner" in out and "reconstruct.mask" in out and "yes|no, default yes" in out
+
+
+@pytest.mark.parametrize("option, says", [
+    ("example-qc.coner=4", "stage 'example-qc' has no option 'coner' (its options: corner)"),
+    ("example-qc.corner=big", "example-qc.corner=big: not a whole number"),
+    ("example-qc.corner=0", "example-qc.corner=0: must be at least 1"),
+    ("exampleqc.corner=4", "no stage 'exampleqc' is installed"),
+])
+def test_bad_stage_option_stops_the_run_before_it_starts(bids_factory, tmp_path, capsys, option, says):
+    bids = bids_factory({"01": None})
+    out = tmp_path / "out"
+    assert qc(bids, out, "--stage-option", option) == 64
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
+    assert not (out / "sub-01").exists()  # no subject was started

@@ -178,7 +178,7 @@ def test_manipulate_anchor_option_is_yes_or_no(prepared, tmp_path, capsys):
     probe = save_probe(fit_probe(X, X[:, 0], np.arange(30), n_boot=0, target="age").probe, tmp_path / "p.json")
     assert _run(bids, out, bundle, "--stages", "manipulate", "--probe", probe,
                 "--stage-option", "manipulate.anchor_mean=maybe") == 64
-    assert "manipulate.anchor_mean=maybe: give yes or no" in capsys.readouterr().err
+    assert "manipulate.anchor_mean=maybe: give one of yes, no" in capsys.readouterr().err
 
 
 def test_missing_model_bundle_exits_66(prepared, tmp_path, capsys):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from importlib.metadata import EntryPoint
 
 import pytest
 
 from ldae_bids.errors import PluginError, UsageError
-from ldae_bids.plugins.api import Level, Stage
+from ldae_bids.plugins.api import Level, Stage, StageOption
 from ldae_bids.plugins.registry import Registry
 
 
@@ -146,3 +147,47 @@ def test_for_each_runs_on_host_threads_in_order_and_raises_the_first_error(tmp_p
     with pytest.raises(ValueError, match="item 1"):  # one thread: the calling one, in order, stops at the error
         ctx(1).for_each(slow_square, range(5))
     assert ran == [0, 1] and set(threads) == {threading.current_thread().name}
+
+
+# ------------------------------------------------------------------------- declared --stage-options
+class WithOptions(A):
+    name = "opts"
+    options = {"mode": StageOption("how", "fast", ("fast", "slow")),
+               "k": StageOption("neighbours", "10", kind=int, minimum=2)}
+
+
+def test_declared_options_are_checked_and_typed(tmp_path):
+    from ldae_bids.config import build_settings
+
+    reg = Registry(eps(opts=f"{mod}:WithOptions", a=f"{mod}:A"))
+    reg.check_options({"opts": {"mode": "slow", "k": "3"}, "a": {"anything": "goes"}})  # A declares none
+    for given, says in (({"opts": {"mdoe": "slow"}}, "stage 'opts' has no option 'mdoe' (its options: k, mode)"),
+                        ({"opts": {"mode": "quick"}}, "--stage-option opts.mode=quick: give one of fast, slow"),
+                        ({"opts": {"k": "ten"}}, "--stage-option opts.k=ten: not a whole number"),
+                        ({"opts": {"k": "1"}}, "--stage-option opts.k=1: must be at least 2"),
+                        ({"nope": {"x": "1"}}, "no stage 'nope' is installed")):
+        with pytest.raises(UsageError, match=re.escape(says)):
+            reg.check_options(given)
+
+    def settings(**opts):
+        return build_settings(bids_dir=tmp_path, output_dir=tmp_path / "o", analysis_level="participant",
+                              stage_options={"opts": opts} if opts else None)
+
+    assert WithOptions.option_value(settings(), "k") == 10 and WithOptions.option_value(settings(k="4"), "k") == 4
+    assert WithOptions.option_value(settings(), "mode") == "fast"
+    assert A.option_value(settings(), "free", "dflt") == "dflt"  # undeclared options: raw strings
+    with pytest.raises(PluginError, match="'opts' reads option 'other'"):  # a stage bug, not the user's
+        WithOptions.option_value(settings(), "other")
+    info = {i.name: i for i in reg.info()}
+    assert dict(info["opts"].options)["k"] == "N, default 10: neighbours" and info["a"].options == ()
+
+
+def test_builtin_stages_declare_their_options():
+    reg = Registry()
+    for name in ("preprocess", "embed", "reconstruct", "manipulate", "fill-missing-sessions", "probe",
+                 "collect-embeddings"):
+        assert reg.load(name).options is not None, name
+    with pytest.raises(UsageError, match="stage 'embed' has no option 'steps'"):
+        reg.check_options({"embed": {"steps": "10"}})
+    with pytest.raises(UsageError, match="fill-missing-sessions.evaluate=true: give one of yes, no"):
+        reg.check_options({"fill-missing-sessions": {"evaluate": "true"}})

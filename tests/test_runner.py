@@ -213,6 +213,20 @@ def test_mem_caps_the_batch_size_from_the_estimate(tmp_path, caplog, monkeypatch
     assert stage.calls == [("01", "02", "03")]
 
 
+def test_mem_estimate_follows_the_precision_the_run_resolves(tmp_path):
+    from ldae_bids.memory import estimate_for_bundle, subject_mb
+    from ldae_bids.model.bundle import default_bundle_path
+    from ldae_bids.runtime import Resources
+
+    fp32, bf16 = subject_mb((80, 96, 80), 16, "fp32"), subject_mb((80, 96, 80), 16, "bf16")
+    assert 280 < fp32 < 282 and 168 < bf16 < 170  # benchmarks/results/memory.md: 291 and 145-162 measured
+    assert estimate_for_bundle(default_bundle_path(), "bf16")["per_subject_mb"] == bf16
+    for precision, expected in (("fp32", fp32), ("bf16", bf16)):
+        settings = build_settings(bids_dir=tmp_path, output_dir=tmp_path / "out", analysis_level="participant",
+                                  device="cpu", precision=precision)
+        assert Resources(settings).memory_per_subject_mb == expected
+
+
 def test_a_batch_over_mem_lowers_the_batch_size_and_one_subject_over_it_warns_once(tmp_path, caplog, monkeypatch):
     import ldae_bids.runner as runner_mod
     from ldae_bids.memory import BASE_MB

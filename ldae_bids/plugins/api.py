@@ -22,6 +22,8 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from ldae_bids.errors import PluginError, UsageError
+
 if TYPE_CHECKING:  # pragma: no cover
     from ldae_bids.bids.discover import SubjectInput
     from ldae_bids.bids.writer import DerivativesWriter
@@ -41,6 +43,47 @@ class GroupInput:
     subjects: tuple["SubjectInput", ...]
     output_dir: Path
     participants: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StageOption:
+    """A ``--stage-option STAGE.KEY=VALUE`` that a stage accepts (declared in :attr:`Stage.options`).
+
+    Values stay strings on the command line and in the run's config file; :meth:`parse` checks one and returns
+    it as ``kind`` (``str`` or ``int``). ``choices`` limits a string to a set (``("yes", "no")`` for a switch),
+    ``minimum`` bounds an integer. The run checks every given option before the first subject, so a typo or a
+    bad value stops it with one line and exit code 64 instead of being ignored.
+    """
+
+    help: str
+    default: str | None = None
+    choices: tuple[str, ...] = ()
+    kind: type = str
+    minimum: int | None = None
+
+    def parse(self, name: str, value: str | None) -> Any:
+        """``value`` (the default when None) as ``kind``; :class:`UsageError` naming ``name`` (STAGE.KEY)."""
+        if value is None:
+            value = self.default
+            if value is None:
+                return None
+        if self.choices and value not in self.choices:
+            raise UsageError(f"--stage-option {name}={value}: give one of {', '.join(self.choices)}")
+        if self.kind is int:
+            try:
+                number = int(value)
+            except ValueError:
+                raise UsageError(f"--stage-option {name}={value}: not a whole number") from None
+            if self.minimum is not None and number < self.minimum:
+                raise UsageError(f"--stage-option {name}={value}: must be at least {self.minimum}")
+            return number
+        return value
+
+    def describe(self) -> str:
+        """One line for listings: the help, the values and the default."""
+        values = "|".join(self.choices) if self.choices else ("N" if self.kind is int else "TEXT")
+        default = f", default {self.default}" if self.default not in (None, "") else ""
+        return f"{values}{default}: {self.help}"
 
 
 @dataclass
@@ -68,9 +111,12 @@ class StageContext:
         """The model's grid (:class:`ldae_bids.preprocessing.Grid`)."""
         return self.resources.grid
 
-    def option(self, key: str, default: str | None = None) -> str | None:
-        """A ``--stage-option <stage>.<key>=<value>`` for this stage."""
-        return self.settings.stage_option(self.stage.name, key, default)
+    def option(self, key: str, default: str | None = None) -> Any:
+        """A ``--stage-option <stage>.<key>=<value>`` for this stage.
+
+        For an option the stage declares (:attr:`Stage.options`) the checked value, as its ``kind``, or its
+        declared default; for an undeclared one the raw string, or ``default``."""
+        return self.stage.option_value(self.settings, key, default)
 
     def for_each(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
         """``[fn(item) for item in items]``, on up to ``--nprocs`` host threads (at most 8, one per item).
@@ -122,6 +168,11 @@ class Stage:
     uses_precision : bool
         Whether outputs depend on ``--precision`` without the model (it enters the resume key, as it
         does for every stage that ``needs_model``); read it from ``ctx.resources.precision``.
+    options : dict of str to StageOption, or None
+        The ``--stage-option`` keys the stage reads. When declared, the run refuses unknown keys and bad
+        values before it starts (exit 64), ``ldae-bids --list-stages`` lists them, and
+        :meth:`StageContext.option` returns checked values. None (the default, for older plugins) accepts
+        any key as a string.
     """
 
     name: ClassVar[str] = ""
@@ -134,6 +185,31 @@ class Stage:
     batchable: ClassVar[bool] = False
     uses_grid: ClassVar[bool] = False
     uses_precision: ClassVar[bool] = False
+    options: ClassVar[dict[str, StageOption] | None] = None
+
+    @classmethod
+    def option_value(cls, settings: "Settings", key: str, default: str | None = None) -> Any:
+        """The ``--stage-option`` ``key`` of this stage in ``settings``: checked against :attr:`options` when
+        the stage declares them (``default`` is then ignored for a declared key), else the raw string."""
+        raw = settings.stage_option(cls.name, key)
+        declared = (cls.options or {}).get(key)
+        if declared is None:
+            if cls.options is not None:
+                raise PluginError(f"stage {cls.name!r} reads option {key!r}, which its options do not declare")
+            return default if raw is None else raw
+        return declared.parse(f"{cls.name}.{key}", raw)
+
+    @classmethod
+    def check_options(cls, given: dict[str, str]) -> None:
+        """Refuse unknown keys and bad values among the options given for this stage (when it declares them)."""
+        if cls.options is None:
+            return
+        for key, value in given.items():
+            if key not in cls.options:
+                known = ", ".join(sorted(cls.options)) or "none"
+                raise UsageError(f"--stage-option {cls.name}.{key}={value}: stage {cls.name!r} has no option "
+                                 f"{key!r} (its options: {known})")
+            cls.options[key].parse(f"{cls.name}.{key}", value)
 
     def parameters(self, settings: "Settings") -> dict[str, Any]:
         """Settings that change this stage's outputs (enter the resume key and sidecars)."""

@@ -29,6 +29,7 @@ class StageInfo:
     default: bool
     requires: tuple[str, ...]
     error: str | None = None
+    options: tuple[tuple[str, str], ...] = ()  # (key, description) of each declared --stage-option
 
 
 def _dist(ep: EntryPoint) -> tuple[str, str]:
@@ -102,8 +103,19 @@ class Registry:
                 rows.append(StageInfo(name, "?", "?", dist, dver, "", False, (), str(exc)))
                 continue
             rows.append(StageInfo(name, cls.level.value, cls.version, dist, dver, cls.description,
-                                  cls.default, tuple(cls.requires)))
+                                  cls.default, tuple(cls.requires),
+                                  options=tuple((k, o.describe()) for k, o in sorted((cls.options or {}).items()))))
         return rows
+
+    def check_options(self, given: dict[str, dict[str, str]]) -> None:
+        """Refuse ``--stage-option``s for stages that are not installed, and unknown keys or bad values for
+        stages that declare their options (:attr:`Stage.options`), before the run starts."""
+        for stage, opts in given.items():
+            if stage not in self._eps:
+                first = next(iter(opts), "KEY")
+                raise UsageError(f"--stage-option {stage}.{first}=...: no stage {stage!r} is installed "
+                                 f"(installed: {', '.join(self.names) or 'none'})")
+            self.load(stage).check_options(opts)
 
     def plan(self, level: str, wanted: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> list[type[Stage]]:
         """Stages to run at ``level``, in dependency order.

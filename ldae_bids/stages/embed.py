@@ -19,6 +19,7 @@ class EmbedStage(Stage):
     level = Level.PARTICIPANT
     version = "1"
     description = "semantic code y_sem and stochastic code x_T (deterministic DDIM inversion) per session"
+    options = {}  # no --stage-option: any given is refused
     requires = ("preprocess",)
     needs_model = True
     batchable = True
@@ -68,6 +69,7 @@ class CollectEmbeddingsStage(Stage):
     level = Level.GROUP
     version = "1"
     description = "one group table of y_sem (participant_id, session_id, ysem_*) from the participant outputs"
+    options = {}  # no --stage-option: any given is refused
 
     def run(self, ctx: StageContext, unit: GroupInput) -> None:
         table, missing = collect_ysem(ctx, unit)

@@ -14,7 +14,7 @@ import numpy as np
 
 from ldae_bids.bids import outputs
 from ldae_bids.bids.discover import SubjectInput
-from ldae_bids.plugins.api import Level, Stage, StageContext
+from ldae_bids.plugins.api import Level, Stage, StageContext, StageOption
 from ldae_bids.stages._io import grid_image, load_preproc, load_xt, load_ysem
 
 
@@ -26,11 +26,13 @@ class FillMissingStage(Stage):
     requires = ("embed",)
     needs_model = True
     default = False
+    options = {"evaluate": StageOption("also leave each inner real session out, rebuild it and score it against the "
+                                       "scan and two baselines", "no", ("yes", "no"))}
 
     def parameters(self, settings) -> dict[str, Any]:
         return {"fill_months": list(settings.fill_months), "schedule_months": settings.fill_schedule_months,
                 "session_time": settings.session_time, "ddim_steps": settings.ddim_steps,
-                "evaluate": settings.stage_option(self.name, "evaluate", "no")}
+                "evaluate": self.option_value(settings, "evaluate")}
 
     def run(self, ctx: StageContext, unit: SubjectInput) -> None:
         from ldae_bids.analysis.longitudinal import leave_one_out_plan, plan_fills, session_times

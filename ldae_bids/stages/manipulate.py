@@ -22,7 +22,7 @@ import numpy as np
 from ldae_bids.bids import outputs
 from ldae_bids.bids.discover import SubjectInput
 from ldae_bids.errors import MissingInputError, UsageError
-from ldae_bids.plugins.api import Level, Stage, StageContext
+from ldae_bids.plugins.api import Level, Stage, StageContext, StageOption
 from ldae_bids.stages._io import grid_image, load_preproc, load_xt, load_ysem
 from ldae_bids.stages.probe import first_clash, target_label
 
@@ -84,6 +84,11 @@ class ManipulateStage(Stage):
     requires = ("embed",)
     needs_model = True
     default = False
+    options = {
+        "class": StageOption("for a probe of more than two classes: the class to move towards"),
+        "anchor_mean": StageOption("anchor the latent channel means to the training latents' while decoding "
+                                   "(no: plain DDIM from the session's x_T, as the method does)", "yes",
+                                   ("yes", "no"))}
 
     def parameters(self, settings) -> dict[str, Any]:
         from ldae_bids.state import digest
@@ -95,8 +100,8 @@ class ManipulateStage(Stage):
                              f"(desc-manip{target_name(targets[clash[1]])}...): give one of them (--probe)")
         return {"strengths": list(settings.strengths), "strength_unit": settings.strength_unit, "ddim_steps": settings.ddim_steps,
                 "probes": {str(p): digest(p) for p in paths},
-                "class": settings.stage_option(self.name, "class"),
-                "anchor_mean": anchor_option(settings.stage_option(self.name, "anchor_mean", "yes"))}
+                "class": self.option_value(settings, "class"),
+                "anchor_mean": self.option_value(settings, "anchor_mean")}
 
     def run(self, ctx: StageContext, unit: SubjectInput) -> None:
         import pandas as pd
@@ -109,7 +114,7 @@ class ManipulateStage(Stage):
         unit_name = ctx.settings.strength_unit
         strengths = [0.0] + [a for a in ctx.settings.strengths if a != 0.0]
         cls = ctx.option("class")
-        anchor = anchor_option(ctx.option("anchor_mean", "yes")) == "yes"
+        anchor = ctx.option("anchor_mean") == "yes"
         probes = [(p, read_probe(p)) for p in probe_paths(ctx.settings)]
         for ses in unit.sessions:
             data, mask, src = load_preproc(ctx, ses)
@@ -182,14 +187,6 @@ class ManipulateStage(Stage):
                 fig = image_rows([(f"{what} {strengths[j]:+g}: {score_name} {scores[j]:.3g}", vols[j]) for j in order],
                                  f"{ses.key}: manipulation along {probe.target} (monotonic: {monotonic})")
                 ctx.writer.write_figure(fig, {**ses.entities, "desc": f"manipulation{label}", "suffix": "T1w"})
-
-
-def anchor_option(value: str) -> str:
-    """``manipulate.anchor_mean``: ``yes`` (default) decodes with the latent channel means anchored, ``no`` as
-    the method does (plain DDIM from the session's x_T)."""
-    if value not in ("yes", "no"):
-        raise UsageError(f"manipulate.anchor_mean={value}: give yes or no")
-    return value
 
 
 def _score(probe, X: np.ndarray, cls) -> np.ndarray:

@@ -17,6 +17,7 @@ class PreprocessStage(Stage):
     level = Level.PARTICIPANT
     version = "1"
     description = "deepbet brain extraction, affine registration to MNI152NLin2009cAsym, resampling, normalisation"
+    options = {}  # no --stage-option: any given is refused
     batchable = True
     uses_grid = True
     uses_precision = True  # deepbet runs under bf16 autocast when --precision resolves to bf16

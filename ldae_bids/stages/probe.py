@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from ldae_bids.errors import MissingInputError, UsageError
-from ldae_bids.plugins.api import GroupInput, Level, Stage, StageContext
+from ldae_bids.plugins.api import GroupInput, Level, Stage, StageContext, StageOption
 
 MIN_ROWS = 10
 
@@ -38,6 +38,11 @@ class ProbeStage(Stage):
     version = "1"
     description = "linear probes on y_sem (subject-grouped CV, bootstrap CIs, trivial and classical baselines)"
     requires = ("collect-embeddings",)
+    options = {
+        "n_splits": StageOption("outer cross-validation folds (grouped by subject)", "5", kind=int, minimum=2),
+        "n_boot": StageOption("subject-bootstrap draws for the 95% intervals", "1000", kind=int, minimum=100),
+        "covariates": StageOption("comma-separated columns of the group y_sem table to put next to y_sem "
+                                  "(e.g. brain_volume_ml)", "")}
 
     def parameters(self, settings) -> dict[str, Any]:
         from ldae_bids.state import digest
@@ -46,9 +51,9 @@ class ProbeStage(Stage):
         return {"targets": list(settings.targets), "seed": settings.random_seed,
                 "baseline_features": str(base) if base else None,
                 "baseline_digest": digest(base) if base and base.is_file() else None,
-                "n_splits": int(settings.stage_option(self.name, "n_splits", "5")),
-                "n_boot": int(settings.stage_option(self.name, "n_boot", "1000")),
-                "covariates": covariate_names(settings.stage_option(self.name, "covariates", ""))}
+                "n_splits": self.option_value(settings, "n_splits"),
+                "n_boot": self.option_value(settings, "n_boot"),
+                "covariates": covariate_names(self.option_value(settings, "covariates"))}
 
     def run(self, ctx: StageContext, unit: GroupInput) -> None:
         import pandas as pd

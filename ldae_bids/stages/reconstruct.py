@@ -9,7 +9,7 @@ import numpy as np
 
 from ldae_bids.bids import outputs
 from ldae_bids.bids.discover import SubjectInput
-from ldae_bids.plugins.api import Level, Stage, StageContext
+from ldae_bids.plugins.api import Level, Stage, StageContext, StageOption
 from ldae_bids.stages._io import grid_image, load_preproc, load_xt, load_ysem
 
 
@@ -21,9 +21,10 @@ class ReconstructStage(Stage):
     requires = ("embed",)
     needs_model = True
     batchable = True
+    options = {"mask": StageOption("set the reconstruction to 0 outside the input's brain mask", "yes", ("yes", "no"))}
 
     def parameters(self, settings) -> dict[str, Any]:
-        return {"ddim_steps": settings.ddim_steps}
+        return {"ddim_steps": settings.ddim_steps, "mask": self.option_value(settings, "mask")}
 
     def run(self, ctx: StageContext, unit: SubjectInput) -> None:
         self.run_batch(ctx, [unit])
@@ -44,22 +45,23 @@ class ReconstructStage(Stage):
         recon = pipe.decode(xt, y, steps=steps).float().clamp(0, 1)
         images = torch.from_numpy(np.stack([d for (d, _, _), _, _ in loaded]))[:, None].to(ctx.device)
         masks = torch.from_numpy(np.stack([m for (_, m, _), _, _ in loaded]))[:, None].to(ctx.device)
-        if ctx.option("mask", "yes") == "yes":
+        masked = ctx.option("mask") == "yes"
+        if masked:
             recon = torch.where(masks, recon, torch.zeros_like(recon))
         metrics = similarity_batch(images, recon, masks)  # on the device, the whole batch at once
         out = recon.cpu().numpy()
-        ctx.for_each(lambda i: self._write(ctx, sessions[i], loaded[i], out[i, 0], metrics[i], steps),
+        ctx.for_each(lambda i: self._write(ctx, sessions[i], loaded[i], out[i, 0], metrics[i], steps, masked),
                      range(len(sessions)))
 
     @staticmethod
-    def _write(ctx: StageContext, ses, loaded, recon: np.ndarray, metrics: dict, steps: int) -> None:
+    def _write(ctx: StageContext, ses, loaded, recon: np.ndarray, metrics: dict, steps: int, masked: bool) -> None:
         """One session's reconstruction, sidecar with its metrics, and figure."""
         from ldae_bids.reports.figures import image_rows
 
         (data, mask, src), (_, ypath), (_, xpath) = loaded
         ctx.writer.write_nifti(grid_image(ctx, recon), outputs.reconstruction(ses, ctx.grid.res_label), {
-            "Description": "LDAE reconstruction: DDIM decoding of (x_T, y_sem), then the autoencoder decoder; "
-                           "outside the brain mask set to 0.",
+            "Description": "LDAE reconstruction: DDIM decoding of (x_T, y_sem), then the autoencoder decoder"
+                           + ("; outside the brain mask set to 0." if masked else "."),
             "SkullStripped": True, "DDIMSteps": steps,
             "Metrics": {k: round(v, 6) for k, v in metrics.items()},
         }, sources=[src, ypath, xpath])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ldae_bids.bids import outputs
-from ldae_bids.plugins.api import GroupInput, Level, Stage, StageContext
+from ldae_bids.plugins.api import GroupInput, Level, Stage, StageContext, StageOption
 
 
 class RawQC(Stage):
@@ -16,9 +16,12 @@ class RawQC(Stage):
     version = "1"
     description = "raw T1w QC metrics (example plugin)"
     default = False
+    # declared options are checked before the run starts (a typo or a bad value stops it with exit 64)
+    options = {"corner": StageOption("edge of the background cubes in the corners, in voxels", "8", kind=int,
+                                     minimum=1)}
 
     def parameters(self, settings):
-        return {"corner": int(settings.stage_option(self.name, "corner", "8"))}
+        return {"corner": self.option_value(settings, "corner")}
 
     def run(self, ctx: StageContext, unit) -> None:
         import nibabel as nib
@@ -49,6 +52,7 @@ class KnnProbe(Stage):
     version = "1"
     description = "k-NN probe on y_sem with subject-grouped CV (example plugin)"
     default = False
+    options = {"k": StageOption("neighbours", "10", kind=int, minimum=1)}
 
     def run(self, ctx: StageContext, unit: GroupInput) -> None:
         import pandas as pd
@@ -72,7 +76,7 @@ class KnnProbe(Stage):
                                     "participant level with the embed stage first")
         meta = pd.DataFrame(rows)
         X, groups = np.vstack(feats), meta["participant_id"].to_numpy()
-        k = int(ctx.option("k", "10"))
+        k = ctx.option("k")
         out = []
         for target in ctx.settings.targets or ("age",):
             if target not in meta.columns:
