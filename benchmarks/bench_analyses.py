@@ -33,7 +33,8 @@ Usage::
 
     python benchmarks/bench_analyses.py --bids ../shared/data/ixi --work /tmp/bench-analyses \\
         --out benchmarks/results [--model BUNDLE] [--preprocessed /work/cache/ixi-preproc] [--limit N] \\
-        [--ddim-steps 20] [--manip-subjects 8] [--long-subjects 4] [--skip manipulate fill]
+        [--ddim-steps 20] [--manip-subjects 8] [--long-subjects 4] [--skip manipulate fill] \\
+        [--stage-option embed.refine_latent=30]
 """
 
 from __future__ import annotations
@@ -76,8 +77,10 @@ class App:
     """Runs ``python -m ldae_bids`` in a subprocess (or, for tests, ``ldae_bids.cli.main.main`` in this
     process); keeps each call's output in WORK/logs."""
 
-    def __init__(self, work: Path, model: Path, nprocs: int | None, validate: bool, in_process: bool = False):
+    def __init__(self, work: Path, model: Path, nprocs: int | None, validate: bool, in_process: bool = False,
+                 stage_options: list[str] | None = None):
         self.work, self.model, self.nprocs, self.validate = work, model, nprocs, validate
+        self.stage_options = list(stage_options or [])
         self.in_process = in_process
         self.logs = work / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -96,6 +99,8 @@ class App:
             argv.append("--skip-bids-validation")
         if self.nprocs:
             argv += ["--nprocs", str(self.nprocs)]
+        for option in self.stage_options:
+            argv += ["--stage-option", option]
         cmd = [sys.executable, "-m", "ldae_bids", *argv]
         print(f"[{time.strftime('%H:%M:%S')}] {name}: ldae-bids {shlex.join(argv)}", flush=True)
         t0, started = time.perf_counter(), datetime.now(timezone.utc)
@@ -679,6 +684,9 @@ def markdown(rep: dict) -> str:
          f"Data: `{rep['bids']}`, {rep.get('participant', {}).get('n_subjects', 'n/a')} subjects. "
          f"Total run time {rep.get('total_seconds', 0) / 60:.1f} min. Every app call and its output are listed in "
          "the JSON (`calls`).", ""]
+    if rep["settings"].get("stage_options"):
+        L += ["Every app call had " + ", ".join(f"`--stage-option {o}`" for o in rep["settings"]["stage_options"])
+              + ".", ""]
     p = rep.get("participant")
     if p:
         pre = p["preprocess"]
@@ -857,6 +865,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--validate", action="store_true", help="let the app run the BIDS validator (off: faster)")
     ap.add_argument("--skip", nargs="+", default=[], choices=PARTS, help="parts to leave out")
+    ap.add_argument("--stage-option", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                    help="passed to every app call (e.g. embed.refine_latent=30); repeatable")
     ap.add_argument("--in-process", action="store_true",
                     help="call ldae_bids.cli.main.main in this process instead of a subprocess (faster; for tests)")
     return ap.parse_args(argv)
@@ -889,7 +899,7 @@ def main(argv=None) -> int:
     if not subjects:
         print(f"bench_analyses: no sub-*/anat/*_T1w.nii.gz under {args.bids}; skipping.")
         return 0
-    app = App(work, args.model, args.nprocs, args.validate, args.in_process)
+    app = App(work, args.model, args.nprocs, args.validate, args.in_process, args.stage_option)
     rep = {"command": "python benchmarks/bench_analyses.py " + shlex.join(sys.argv[1:] if argv is None else argv),
            "date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": machine(), "bids": str(args.bids),
            "work": str(work), "bundle": bundle,
@@ -897,6 +907,7 @@ def main(argv=None) -> int:
                         "long_subjects": args.long_subjects, "limit": args.limit, "targets": args.targets,
                         "baseline_features": args.baseline_features, "preprocessed": args.preprocessed,
                         "nprocs": args.nprocs, "seed": args.seed, "bids_validation": args.validate,
+                        "stage_options": list(args.stage_option),
                         "strengths": list(args.strengths), "changes": list(args.changes), "long_months": list(LONG_MONTHS)},
            "part_seconds": {}, "errors": {}, "calls": app.calls}
     labels = list(subjects)

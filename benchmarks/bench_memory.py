@@ -48,6 +48,7 @@ def run(args) -> dict:
     labels = [p.removeprefix("sub-") for p in parts["participant_id"]]
     if len(labels) < max(args.batch_sizes):
         raise BenchError(f"{args.bids}: {len(labels)} subjects, fewer than the largest batch size")
+    options = [a for o in args.stage_option for a in ("--stage-option", o)]
     rows, t0 = [], time.perf_counter()
     for b in args.batch_sizes:
         work = args.work / f"batch-{b}"
@@ -55,7 +56,7 @@ def run(args) -> dict:
         app = App(work, model, args.nprocs, validate=False)
         rec, usage = call(app, f"batch-{b}", args.bids, work / "out", "participant", "--participant-label",
                           *labels[:b], "--stages", *STAGES, "--batch-size", str(b), "--device", args.device,
-                          "--precision", args.precision, "--ddim-steps", str(args.ddim_steps))
+                          "--precision", args.precision, "--ddim-steps", str(args.ddim_steps), *options)
         if rec["failed"]:
             raise BenchError(f"batch {b}: subjects failed: {rec['failed']}")
         peaks = {r["stage"]: float(r["peak_rss_mb"]) for r in usage if r.get("status") == "done"}
@@ -71,7 +72,8 @@ def run(args) -> dict:
         app = App(work, model, args.nprocs, validate=False)
         rec, usage = call(app, "check-mem", args.bids, work / "out", "participant", "--participant-label",
                           *labels[:b], "--stages", *STAGES, "--batch-size", str(b), "--mem", args.check_mem,
-                          "--device", args.device, "--precision", args.precision, "--ddim-steps", str(args.ddim_steps))
+                          "--device", args.device, "--precision", args.precision,
+                          "--ddim-steps", str(args.ddim_steps), *options)
         if rec["failed"]:
             raise BenchError(f"check-mem: subjects failed: {rec['failed']}")
         from ldae_bids.memory import parse_memory
@@ -91,12 +93,14 @@ def run(args) -> dict:
     from ldae_bids.device import resolve_precision, select_device
 
     precision = resolve_precision(select_device(args.device), args.precision)
-    est = estimate_for_bundle(model, precision)
+    refine = any(o.startswith("embed.refine_latent=") and int(o.split("=", 1)[1]) > 0 for o in args.stage_option)
+    est = estimate_for_bundle(model, precision, refine)
     return {
         "command": "python benchmarks/bench_memory.py " + " ".join(args.argv),
         "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(args.device),
         "settings": {"batch_sizes": list(args.batch_sizes), "ddim_steps": args.ddim_steps, "device": args.device,
-                     "precision": args.precision, "resolved_precision": precision, "nprocs": args.nprocs},
+                     "precision": args.precision, "resolved_precision": precision, "nprocs": args.nprocs,
+                     "stage_options": list(args.stage_option)},
         "bundle": {k: info[k] for k in ("name", "content_hash")},
         "runs": rows, "fits": fits,
         "estimate": est, "check_mem": check,
@@ -110,7 +114,8 @@ def markdown(rep: dict) -> str:
          f"Date: {rep['date']}. Command: `{rep['command']}`", "",
          f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, " + (f"GPU {m['gpu']}" if m["gpu"] else "no GPU")
          + f"; torch {m['torch']}. Device `{st['device']}`, precision `{st['precision']}` "
-         f"({st['resolved_precision']}), DDIM steps {st['ddim_steps']}. Model bundle "
+         f"({st['resolved_precision']}), DDIM steps {st['ddim_steps']}"
+         + "".join(f", `--stage-option {o}`" for o in st.get("stage_options", [])) + ". Model bundle "
          f"`{rep['bundle']['name']}` (`{rep['bundle']['content_hash'][:12]}...`).", "",
          "Each batch size ran in a fresh app process on that many IXI subjects (one batch); the peak is the "
          "process's peak resident memory after the stage (from `logs/resources-<run id>.tsv`; it never decreases, "
@@ -127,7 +132,7 @@ def markdown(rep: dict) -> str:
     L += ["", f"The app's estimate for this bundle (`ldae_bids.memory.estimate_for_bundle`, used by `--mem`): "
               f"{est['per_subject_mb']:.0f} MiB per subject in a batch on top of {est['base_mb']:.0f} MiB "
               f"(grid {'x'.join(map(str, est['grid']))}, autoencoder width {est['first_channels']}, "
-              f"{est['precision']}).", "",
+              f"{est['precision']}" + (", with latent refinement" if est.get("refine") else "") + ").", "",
           ""]
     est_rows = [f"| {r['batch_size']} | {est['base_mb'] + r['batch_size'] * est['per_subject_mb']:.0f} | "
                 f"{r['peak_rss_mb']['reconstruct']:.0f} |" for r in rep["runs"]]
@@ -150,6 +155,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--ddim-steps", type=int, default=20)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--stage-option", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                    help="passed to every app call (e.g. embed.refine_latent=30); repeatable")
     ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                     help="the app's --precision (auto: bf16 on a GPU and on CPUs with native bf16)")
     ap.add_argument("--nprocs", type=int, default=None)

@@ -9,7 +9,11 @@ For each validation subject (model-ready ``sub-<label>_desc-preproc_T1w.nii.gz``
   the bundle records them, and the same draws without: ``random_free``);
 - when the bundle records the channel means, LDAE with inverted x_T decoded with them anchored, at each of
   ``--anchored-steps`` (``ldae_<n>_anchored``): whether anchoring would help reconstruction too (the app's
-  ``reconstruct`` and ``fill-missing-sessions`` stages decode without it).
+  ``reconstruct`` and ``fill-missing-sessions`` stages decode without it);
+- with ``--refine-steps N``: the latent refined by N steps (``LdaePipeline.refine_latent``, what
+  ``--stage-option embed.refine_latent=N`` does), decoded by the autoencoder (``ae_refined``) and through the
+  diffusion round trip at each of ``--refined-ddim-steps`` (``ldae_<n>_refined``: inversion of the refined latent,
+  then decoding; seconds include the refinement).
 
 It also measures whether the denoiser uses y_sem at all (``ysem_use``): the noise-prediction
 error with each subject's own y_sem against another validation subject's, at fixed timesteps
@@ -116,6 +120,20 @@ def markdown(result: dict) -> str:
             "latent's channel means to them at every step (`LdaePipeline.ddim`), and `random_free` decodes the "
             "same x_T without." if "random_free" in s else "."), "",
     ]
+    refined = [(m.removesuffix("_refined"), m) for m in s if m.endswith("_refined") and m.removesuffix("_refined") in s]
+    if refined:
+        by_subject = {m: np.array([r["methods"][m]["ssim"] for r in result["subjects"]]) for p in refined for m in p}
+        lines += [f"`*_refined` = the encoder's latent refined by {result.get('refine_steps')} Adam steps on L1 + "
+                  "(1 - SSIM) of its decoded image (`LdaePipeline.refine_latent`, the `embed` stage's "
+                  "`refine_latent` option), decoded by the autoencoder (`ae_refined`) or inverted to x_T and decoded "
+                  "(`ldae_N_refined`); their seconds include the refinement. Paired over subjects, whole-volume SSIM:",
+                  "", "| method | plain | refined | refined - plain (mean) | subjects better refined |",
+                  "|---|---|---|---|---|"]
+        for plain, ref in refined:
+            d = by_subject[ref] - by_subject[plain]
+            lines.append(f"| {plain} | {s[plain]['ssim']['mean']:.4f} | {s[ref]['ssim']['mean']:.4f} | "
+                         f"{d.mean():+.4f} | {int((d > 0).sum())}/{d.size} |")
+        lines.append("")
     pairs = [(f"ldae_{n}", f"ldae_{n}_anchored") for n in result["steps"] if f"ldae_{n}_anchored" in s]
     if pairs:
         by_subject = {m: np.array([r["methods"][m]["ssim"] for r in result["subjects"]]) for p in pairs for m in p}
@@ -148,6 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=Path("/work/cache/ixi-preproc"))
     ap.add_argument("--steps", default="10,20,50,100", help="comma-separated DDIM step counts")
     ap.add_argument("--random-steps", type=int, default=50)
+    ap.add_argument("--refine-steps", type=int, default=0,
+                    help="latent refinement steps for the *_refined rows (0: none)")
+    ap.add_argument("--refine-lr", type=float, default=None,
+                    help="Adam step size of the refinement (default: the app's, pipeline.REFINE_LR)")
+    ap.add_argument("--refined-ddim-steps", default="20,50",
+                    help="comma-separated DDIM step counts of the refined reconstructions")
     ap.add_argument("--anchored-steps", default="10,20",
                     help="comma-separated DDIM step counts of the anchored reconstructions (empty: none)")
     ap.add_argument("--limit", type=int, default=None, help="at most this many validation subjects")
@@ -195,6 +219,14 @@ def main(argv: list[str] | None = None) -> int:
                                              "anchored" for n in anchored_steps})
     else:
         anchored_steps = []
+    refined_steps = [int(n) for n in args.refined_ddim_steps.split(",") if n] if args.refine_steps > 0 else []
+    from ldae_bids.model.pipeline import REFINE_LR
+
+    refine_lr = REFINE_LR if args.refine_lr is None else args.refine_lr
+    if args.refine_steps > 0:
+        names["ae_refined"] = f"autoencoder, latent refined ({args.refine_steps} steps, step size {refine_lr:g})"
+        names.update({f"ldae_{n}_refined": f"LDAE, inverted x_T of the refined latent, {n} steps"
+                      for n in refined_steps})
     rows = []
     bs = max(1, args.batch_size)
     for start in range(0, len(pairs), bs):
@@ -203,12 +235,12 @@ def main(argv: list[str] | None = None) -> int:
         masks = [load_volume(m, mb.config.image_shape) > 0.5 if m else None for _, _, m in chunk]
         methods: list[dict] = [{} for _ in chunk]
 
-        def score(name, fn):
+        def score(name, fn, extra_seconds=0.0):
             t = time.time()
             out = fn()
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
-            seconds = (time.time() - t) / len(chunk)  # batch time shared by its subjects
+            seconds = (time.time() - t) / len(chunk) + extra_seconds  # batch time shared by its subjects
             for j in range(len(chunk)):
                 img = out[j, 0].float().cpu().numpy()
                 written = np.where(masks[j], img, 0.0) if masks[j] is not None else img
@@ -225,6 +257,15 @@ def main(argv: list[str] | None = None) -> int:
                 return pipe.decode(enc.x_T, enc.y_sem, steps=n, anchor_mean=True)
 
             score(f"ldae_{n}_anchored", anchored_reconstruction)
+        if args.refine_steps > 0:
+            t = time.time()
+            refined = pipe.refine_latent(x, steps=args.refine_steps, lr=refine_lr)
+            refine_seconds = (time.time() - t) / len(chunk)
+            score("ae_refined", lambda: pipe.decode_latent(refined), refine_seconds)
+            y_sem = pipe.encode_semantic(x)
+            for n in refined_steps:
+                score(f"ldae_{n}_refined", lambda n=n: pipe.decode(pipe.ddim(refined, y_sem, n, invert=True), y_sem,
+                                                                    steps=n), refine_seconds)
         x_T = pipe.random_x_T(len(chunk), torch.Generator().manual_seed(args.seed + start))
         score("random", lambda: pipe.sample(pipe.encode_semantic(x), steps=args.random_steps, x_T=x_T))
         if anchored:  # what anchoring changes, on the same draws
@@ -253,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         "n_subjects": len(rows),
         "steps": steps,
         "random_steps": args.random_steps,
+        "refine_steps": args.refine_steps,
+        "refine_lr": refine_lr if args.refine_steps > 0 else None,
         "seed": args.seed,
         "batch_size": args.batch_size,
         "command": "python benchmarks/bench_reconstruction.py " + " ".join(sys.argv[1:] if argv is None else argv),

@@ -20,13 +20,18 @@ from pathlib import Path
 from ldae_bids.errors import UsageError
 
 # Calibration (benchmarks/results/memory.md, CPU, shipped compact bundle: 80x96x80 grid, width 16): the peak
-# after reconstruct at batch sizes 1, 2, 4, 8 follows about 825 MiB + 291 MiB per subject in fp32 and 703 MiB +
-# 162 MiB per subject under bf16 autocast (2026-12-07, run 8's bundle; `--precision fp32` and `auto` on a CPU with
-# native bf16), i.e. about 30 and 17 bytes per voxel and channel of the autoencoder's first level. bf16 is set
-# at 18. The base is set higher, 1000 MiB, for the run-to-run spread (about 100 MiB) and for several batches in
+# after reconstruct at batch sizes 1, 2, 4, 8 follows about 825 MiB + 291 MiB per subject in fp32 and 695-703 MiB
+# + 145-162 MiB per subject under bf16 autocast (2026-12-07, run 8's bundle, two runs; `--precision fp32` and
+# `auto` on a CPU with native bf16), i.e. about 30 and 15-17 bytes per voxel and channel of the autoencoder's
+# first level. bf16 is set at 18. The base is set higher, 1000 MiB, for the run-to-run spread (about 100 MiB) and for several batches in
 # one process: with a base of 900 MiB, --mem 2GB ran batches of 4 and peaked at 2041 MiB, too close to
 # the limit.
 BYTES_PER_VOXEL_CHANNEL = {"fp32": 30.0, "bf16": 18.0}
+# With latent refinement (--stage-option embed.refine_latent=N) embed keeps the decoder's activations for the
+# backward pass: its peak follows about 768-828 MiB + 527-561 MiB per subject under bf16 (two runs) and 817 + 835
+# in fp32 (benchmarks/results/memory-refine/, its before-estimate/, and memory-refine-fp32/), 56-60 and 89 bytes
+# per voxel and channel; set at 62 and 92.
+REFINE_BYTES_PER_VOXEL_CHANNEL = {"fp32": 92.0, "bf16": 62.0}
 BASE_MB = 1000.0
 
 _UNITS = {"": 1.0, "B": 1 / 2**20, "K": 1 / 2**10, "M": 1.0, "G": 2**10, "T": 2**20}
@@ -58,19 +63,24 @@ def peak_rss_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
-def subject_mb(grid_shape, first_channels: int, precision: str = "fp32") -> float:
-    """Estimated host memory (MiB) one more subject in a batch costs, under ``precision`` (bf16 or fp32)."""
+def subject_mb(grid_shape, first_channels: int, precision: str = "fp32", refine: bool = False) -> float:
+    """Estimated host memory (MiB) one more subject in a batch costs, under ``precision`` (bf16 or fp32), with
+    or without latent refinement in ``embed`` (which then holds the most)."""
     voxels = math.prod(int(n) for n in grid_shape)
-    return voxels * int(first_channels) * BYTES_PER_VOXEL_CHANNEL[precision] / 2**20
+    per = BYTES_PER_VOXEL_CHANNEL[precision]
+    if refine:
+        per = max(per, REFINE_BYTES_PER_VOXEL_CHANNEL[precision])
+    return voxels * int(first_channels) * per / 2**20
 
 
-def estimate_for_bundle(path: Path, precision: str = "fp32") -> dict:
-    """The estimate for a model bundle folder under ``precision``, from its config.json (no weights read)."""
+def estimate_for_bundle(path: Path, precision: str = "fp32", refine: bool = False) -> dict:
+    """The estimate for a model bundle folder under ``precision`` (and latent refinement), from its config.json
+    (no weights read)."""
     config = json.loads((Path(path) / "config.json").read_text())
     grid = [int(n) for n in config["image_shape"]]
     first = int(config["autoencoder"]["channels"][0])
-    return {"grid": grid, "first_channels": first, "precision": precision,
-            "per_subject_mb": subject_mb(grid, first, precision), "base_mb": BASE_MB}
+    return {"grid": grid, "first_channels": first, "precision": precision, "refine": refine,
+            "per_subject_mb": subject_mb(grid, first, precision, refine), "base_mb": BASE_MB}
 
 
 def max_batch(mem_mb: float, per_subject: float, base_mb: float = BASE_MB) -> int:

@@ -101,11 +101,13 @@ class Resources:
     def memory_per_subject_mb(self) -> float:
         """Estimated host memory one more subject of a batch costs (``--mem``; see ldae_bids.memory)."""
         from ldae_bids.memory import estimate_for_bundle, subject_mb
+        from ldae_bids.stages.embed import EmbedStage
 
+        refine = EmbedStage.option_value(self.settings, "refine_latent") > 0
         try:
-            return float(estimate_for_bundle(self.model_path, self.precision)["per_subject_mb"])
+            return float(estimate_for_bundle(self.model_path, self.precision, refine)["per_subject_mb"])
         except (OSError, ValueError, KeyError, TypeError, IndexError):  # no readable bundle: the compact width
-            return subject_mb(self.grid.shape, 16, self.precision)
+            return subject_mb(self.grid.shape, 16, self.precision, refine)
 
     @cached_property
     def intensity(self) -> dict[str, Any]:

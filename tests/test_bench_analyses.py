@@ -89,6 +89,17 @@ def test_bench_analyses_runs_the_app(setup):
                        "--manip-subjects", "2", "--nprocs", "1", "--in-process", "--skip", "fill", "group",
                        "manipulate"]) == 0
     assert json.loads((out / "analyses.json").read_text())["participant"]["embed"]["n_embedded_this_run"] == 2
+    # --stage-option reaches every app call: the manipulation again, its x_T now from refined latents
+    assert bench.main(["--bids", str(bids), "--model", str(bundle), "--work", str(root / "work"), "--out",
+                       str(out), "--ddim-steps", "2", "--manip-subjects", "2", "--nprocs", "1", "--in-process",
+                       "--changes", "--skip", "participant", "group", "fill",
+                       "--stage-option", "embed.refine_latent=2"]) == 0
+    rep = json.loads((out / "analyses.json").read_text())
+    assert rep["settings"]["stage_options"] == ["embed.refine_latent=2"] and rep["manipulation"]["n_subjects"] == 2
+    assert rep["calls"] and all("embed.refine_latent=2" in c["argv"] for c in rep["calls"])
+    side = next((root / "work" / "out" / "sub-11" / "anat").glob("*_desc-xt_xt.json"))
+    assert json.loads(side.read_text())["LatentRefinementSteps"] == 2
+    assert "`--stage-option embed.refine_latent=2`" in (out / "analyses.md").read_text()
 
 
 def test_preprocessed_cache_on_another_grid_is_refused(setup, tmp_path):

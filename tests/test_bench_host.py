@@ -26,7 +26,8 @@ def test_bench_memory_measures_each_batch_size_and_checks_mem(ixi, tiny_bundle, 
     bench = load_benchmark("bench_memory")
     out = tmp_path / "results"
     rc = bench.main(["--bids", str(ixi), "--model", str(tiny_bundle), "--batch-sizes", "1", "2", "--ddim-steps", "2",
-                     "--nprocs", "1", "--check-mem", "64GB", "--work", str(tmp_path / "work"), "--out", str(out)])
+                     "--nprocs", "1", "--check-mem", "64GB", "--work", str(tmp_path / "work"), "--out", str(out),
+                     "--stage-option", "embed.refine_latent=1"])
     assert rc == 0
     rep = json.loads((out / "memory.json").read_text())
     assert [r["batch_size"] for r in rep["runs"]] == [1, 2]
@@ -37,7 +38,13 @@ def test_bench_memory_measures_each_batch_size_and_checks_mem(ixi, tiny_bundle, 
     assert rep["estimate"]["per_subject_mb"] > 0 and rep["estimate"]["grid"] == [16, 16, 16]
     # a limit far above the estimate leaves the batch size asked for
     assert rep["check_mem"]["batch_sizes"] == [2] and rep["check_mem"]["mem_mb"] == 65536
-    assert "within the limit" in (out / "memory.md").read_text()
+    md = (out / "memory.md").read_text()
+    assert "within the limit" in md
+    # the stage option reached every app call, and the estimate is the one for latent refinement
+    assert rep["settings"]["stage_options"] == ["embed.refine_latent=1"] and rep["estimate"]["refine"] is True
+    assert "`--stage-option embed.refine_latent=1`" in md and "with latent refinement" in md
+    xt_side = next((tmp_path / "work" / "batch-1" / "out").rglob("*_desc-xt_xt.json"))
+    assert json.loads(xt_side.read_text())["LatentRefinementSteps"] == 1
 
 
 def test_bench_host_io_times_the_stages_own_writes(ixi, tiny_bundle, tmp_path):

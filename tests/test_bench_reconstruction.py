@@ -86,3 +86,15 @@ def test_ysem_use_is_zero_exactly_when_the_denoiser_ignores_the_code():
     assert ignored["gain"] == [0.0] * 5
     with pytest.raises(ValueError, match="two"):
         ysem_use(pipe, x[:1])
+
+
+def test_refined_rows_pair_each_method_with_its_refined_latent(setup, tmp_path):
+    res = _run(setup, tmp_path / "r", 3, "--refine-steps", "2", "--refined-ddim-steps", "3")
+    assert {"ae_refined", "ldae_3_refined"} <= set(res["summary"]) and "ldae_2_refined" not in res["summary"]
+    assert res["refine_steps"] == 2 and res["refine_lr"] > 0
+    for r in res["subjects"]:
+        assert r["methods"]["ae_refined"]["mse"] != r["methods"]["ae"]["mse"]
+        assert r["methods"]["ldae_3_refined"]["mse"] != r["methods"]["ldae_3"]["mse"]
+    md = (tmp_path / "r" / "reconstruction.md").read_text()
+    assert "| method | plain | refined | refined - plain (mean) | subjects better refined |" in md
+    assert "| ae | " in md and "| ldae_3 | " in md

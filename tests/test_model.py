@@ -201,6 +201,36 @@ def test_sampling_from_a_random_x_T_anchors_the_latent_channel_means():
     assert torch.equal(plain.sample(y, steps=6, x_T=x_T), plain.decode_latent(free))
 
 
+def test_latent_refinement_fits_the_image_better_per_subject_and_leaves_the_networks_alone():
+    import torch.nn.functional as F
+
+    from ldae_bids.metrics import ssim_map_tensor
+
+    pipe = tiny_pipeline()
+    x = images(2)
+    weights = {k: v.clone() for k, v in pipe.state_dict().items()}
+
+    def loss(latent):  # what the refinement minimises, per subject
+        out = pipe.decode_latent(latent)
+        return [float(F.l1_loss(out[i], x[i]) + 1 - ssim_map_tensor(out[i:i + 1], x[i:i + 1]).mean()) for i in range(2)]
+
+    start = pipe.encode_latent(x)
+    assert torch.equal(pipe.refine_latent(x, steps=0), start)
+    refined = pipe.refine_latent(x, steps=5)
+    assert all(after < before for before, after in zip(loss(start), loss(refined)))
+    # a subject in a batch gets what it gets alone (the loss is per subject, summed)
+    alone = pipe.refine_latent(x[1:], steps=5)
+    assert torch.allclose(refined[1:], alone, atol=1e-4)
+    # the networks are untouched and hold no gradients
+    assert all(torch.equal(v, weights[k]) for k, v in pipe.state_dict().items())
+    assert all(p.grad is None for p in pipe.parameters())
+    # encode(refine_steps=N) inverts the refined latent: decoding x_T gives it back
+    enc = pipe.encode(x, steps=100, refine_steps=5)
+    assert torch.allclose(enc.latent, refined)
+    assert float((pipe.ddim(enc.x_T, enc.y_sem, 100) - refined).abs().max() / refined.abs().max()) < 0.02
+    assert not torch.allclose(enc.x_T, pipe.encode(x, steps=100).x_T, atol=1e-3)
+
+
 # ---------------------------------------------------------------------------- bundles
 META = {"grid": {"shape": [16, 16, 16], "spacing": 2.0, "affine": np.eye(4).tolist(), "template": "test"},
         "licence": "CC-BY-SA-3.0"}

@@ -198,6 +198,37 @@ def test_corrupted_bundle_is_refused(prepared, tmp_path, capsys):
     assert "sha256" in capsys.readouterr().err
 
 
+def test_embed_refine_latent_option(prepared):
+    """embed.refine_latent=N refines the latent before the inversion: x_T changes (y_sem does not), the sidecar
+    says so, reconstructions get closer to the input, and a run without the option keeps the default's key."""
+    from safetensors.torch import load_file
+
+    bids, out, bundle = prepared
+    anat = out / "sub-02" / "anat"
+    xt_path = anat / "sub-02_space-MNI152NLin2009cAsym_desc-xt_xt.safetensors"
+    y_path = anat / "sub-02_space-MNI152NLin2009cAsym_desc-ysem_features.tsv"
+    rec = anat / "sub-02_space-MNI152NLin2009cAsym_res-10_desc-reconstruction_T1w.json"
+
+    def run(*extra):
+        assert _run(bids, out, bundle, "--stages", "embed", "reconstruct", "--participant-label", "02",
+                    "--ddim-steps", "20", *extra) == 0
+        side = json.loads(xt_path.with_suffix(".json").read_text())
+        return (load_file(str(xt_path))["x_T"], pd.read_csv(y_path, sep="\t").filter(like="ysem_").to_numpy(),
+                side, json.loads(rec.read_text())["Metrics"])
+
+    xt0, y0, side0, m0 = run()
+    assert side0["LatentRefinementSteps"] == 0 and "refine_latent" not in side0["GeneratedBy"]["Parameters"]
+    xt1, y1, side1, m1 = run("--stage-option", "embed.refine_latent=10")
+    assert side1["LatentRefinementSteps"] == 10 and side1["GeneratedBy"]["Parameters"]["refine_latent"] == 10
+    assert not np.allclose(xt0.numpy(), xt1.numpy(), atol=1e-3)
+    np.testing.assert_allclose(y0, y1, atol=1e-5)
+    assert m1["mse"] < m0["mse"]  # the refined latent decodes closer to the input
+    stamp = xt_path.stat().st_mtime_ns
+    assert _run(bids, out, bundle, "--stages", "embed", "--participant-label", "02", "--ddim-steps", "20",
+                "--stage-option", "embed.refine_latent=10") == 0
+    assert xt_path.stat().st_mtime_ns == stamp  # the same option again: up to date
+
+
 def test_precision_is_recorded_and_enters_the_resume_key(prepared):
     """--precision reaches the model (bf16 autocast on the CPU too), the sidecars say which was used, and a
     run in the other precision recomputes the model stages instead of skipping them."""

@@ -225,6 +225,13 @@ def test_mem_estimate_follows_the_precision_the_run_resolves(tmp_path):
         settings = build_settings(bids_dir=tmp_path, output_dir=tmp_path / "out", analysis_level="participant",
                                   device="cpu", precision=precision)
         assert Resources(settings).memory_per_subject_mb == expected
+    # latent refinement keeps the decoder's activations for its backward pass: embed then holds the most
+    # (benchmarks/results/memory-refine/: 527-561 MiB per subject under bf16)
+    refined = subject_mb((80, 96, 80), 16, "bf16", refine=True)
+    assert 561 < refined < 600
+    settings = build_settings(bids_dir=tmp_path, output_dir=tmp_path / "out", analysis_level="participant",
+                              device="cpu", precision="bf16", stage_options={"embed": {"refine_latent": "30"}})
+    assert Resources(settings).memory_per_subject_mb == refined
 
 
 def test_a_batch_over_mem_lowers_the_batch_size_and_one_subject_over_it_warns_once(tmp_path, caplog, monkeypatch):

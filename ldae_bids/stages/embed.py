@@ -10,7 +10,7 @@ import numpy as np
 from ldae_bids.bids import outputs
 from ldae_bids.bids.discover import SubjectInput
 from ldae_bids.errors import MissingInputError
-from ldae_bids.plugins.api import GroupInput, Level, Stage, StageContext
+from ldae_bids.plugins.api import GroupInput, Level, Stage, StageContext, StageOption
 from ldae_bids.stages._io import load_preproc, ysem_columns
 
 
@@ -19,13 +19,21 @@ class EmbedStage(Stage):
     level = Level.PARTICIPANT
     version = "1"
     description = "semantic code y_sem and stochastic code x_T (deterministic DDIM inversion) per session"
-    options = {}  # no --stage-option: any given is refused
+    options = {"refine_latent": StageOption(
+        "steps of latent refinement before the inversion (LdaePipeline.refine_latent): x_T then decodes closer to "
+        "the image in every later stage (30: +0.013 SSIM for the shipped model); about 1.2 s per subject and step on "
+        "2 CPU cores",
+        "0", kind=int, minimum=0)}
     requires = ("preprocess",)
     needs_model = True
     batchable = True
 
     def parameters(self, settings) -> dict[str, Any]:
-        return {"ddim_steps": settings.ddim_steps, "save_xt": settings.save_xt}
+        params = {"ddim_steps": settings.ddim_steps, "save_xt": settings.save_xt}
+        refine = self.option_value(settings, "refine_latent")
+        if refine:  # only when asked: outputs made without it keep their resume key
+            params["refine_latent"] = refine
+        return params
 
     def run(self, ctx: StageContext, unit: SubjectInput) -> None:
         self.run_batch(ctx, [unit])
@@ -41,7 +49,8 @@ class EmbedStage(Stage):
         pipe = ctx.model.pipeline
         steps = ctx.settings.ddim_steps
         torch.manual_seed(ctx.settings.random_seed)
-        codes = pipe.encode(images.to(ctx.device), invert=ctx.settings.save_xt, steps=steps)
+        refine = ctx.option("refine_latent") if ctx.settings.save_xt else 0  # y_sem does not depend on it
+        codes = pipe.encode(images.to(ctx.device), invert=ctx.settings.save_xt, steps=steps, refine_steps=refine)
         y = codes.y_sem.float().cpu().numpy()
         cols = ysem_columns(y.shape[1])
         for i, (ses, (_, _, src)) in enumerate(zip(sessions, loaded)):
@@ -60,7 +69,7 @@ class EmbedStage(Stage):
                 ctx.writer.write_sidecar(path, {
                     "Description": "LDAE stochastic code x_T (deterministic DDIM inversion of the scaled latent, "
                                    "conditioned on y_sem); safetensors file with one float32 tensor 'x_T'.",
-                    "Shape": list(xt.shape), "DDIMSteps": steps,
+                    "Shape": list(xt.shape), "DDIMSteps": steps, "LatentRefinementSteps": refine,
                 }, sources=[src])
 
 

@@ -54,7 +54,8 @@ class ReconstructStage(Stage):
                      range(len(sessions)))
 
     @staticmethod
-    def _write(ctx: StageContext, ses, loaded, recon: np.ndarray, metrics: dict, steps: int, masked: bool) -> None:
+    def _write(ctx: StageContext, ses, loaded, recon: np.ndarray, metrics: dict, steps: int, masked: bool = True
+               ) -> None:
         """One session's reconstruction, sidecar with its metrics, and figure."""
         from ldae_bids.reports.figures import image_rows
 
