@@ -39,6 +39,11 @@ class NoRun(Stage):
     name = "norun"
 
 
+class BadOptions(A):
+    name = "badopts"
+    options = {"k": "10"}  # a default, not a StageOption
+
+
 class Cycle1(A):
     name = "c1"
     requires = ("c2",)
@@ -81,12 +86,13 @@ def test_cycle_is_reported():
 
 def test_broken_plugins_do_not_break_the_others(caplog):
     reg = Registry(eps(a=f"{mod}:A", bad="no_such_module_xyz:Stage", norun=f"{mod}:NoRun",
-                       notastage=f"{mod}:eps"))
+                       notastage=f"{mod}:eps", badopts=f"{mod}:BadOptions"))
     plan = reg.plan("participant")
     assert [s.name for s in plan] == ["a"]
     assert "failed to load" in reg.errors["bad"] and "ModuleNotFoundError" in reg.errors["bad"]
     assert "does not implement run()" in reg.errors["norun"]
     assert "not a subclass" in reg.errors["notastage"]
+    assert "options must be None or a dict of option names to StageOption" in reg.errors["badopts"]
     with pytest.raises(PluginError, match="no_such_module_xyz"):
         reg.plan("participant", ("bad",))
 

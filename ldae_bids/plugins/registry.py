@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 
 from ldae_bids.errors import PluginError, UsageError
-from ldae_bids.plugins.api import Level, Stage
+from ldae_bids.plugins.api import Level, Stage, StageOption
 
 GROUP = "ldae_bids.stages"
 log = logging.getLogger("ldae_bids")
@@ -163,6 +163,9 @@ def _check(cls: object, name: str) -> str | None:
         return "level must be Level.PARTICIPANT or Level.GROUP"
     if cls.run is Stage.run:
         return "it does not implement run()"
+    if cls.options is not None and not (isinstance(cls.options, dict) and all(
+            isinstance(k, str) and isinstance(v, StageOption) for k, v in cls.options.items())):
+        return "options must be None or a dict of option names to StageOption"
     return None
 
 
