@@ -12,7 +12,8 @@ record the batch sizes the app chose and the peak it reached.
 Usage::
 
     python benchmarks/bench_memory.py [--bids ../shared/data/ixi] [--batch-sizes 1 2 4] [--ddim-steps 20] \\
-        [--device cpu] [--precision auto] [--nprocs 2] [--check-mem 2GB] [--work /tmp/bench-memory] [--out benchmarks/results]
+        [--device cpu] [--precision auto] [--nprocs 2] [--check-mem 2GB] [--stage-option STAGE.KEY=VALUE] \\
+        [--work /tmp/bench-memory] [--out benchmarks/results]
 
 Writes ``memory.json`` and ``memory.md`` to ``--out``. Exits 0 with a message when the data folder is absent.
 """
@@ -48,15 +49,14 @@ def run(args) -> dict:
     labels = [p.removeprefix("sub-") for p in parts["participant_id"]]
     if len(labels) < max(args.batch_sizes):
         raise BenchError(f"{args.bids}: {len(labels)} subjects, fewer than the largest batch size")
-    options = [a for o in args.stage_option for a in ("--stage-option", o)]
     rows, t0 = [], time.perf_counter()
     for b in args.batch_sizes:
         work = args.work / f"batch-{b}"
         shutil.rmtree(work, ignore_errors=True)
-        app = App(work, model, args.nprocs, validate=False)
+        app = App(work, model, args.nprocs, validate=False, stage_options=args.stage_option)
         rec, usage = call(app, f"batch-{b}", args.bids, work / "out", "participant", "--participant-label",
                           *labels[:b], "--stages", *STAGES, "--batch-size", str(b), "--device", args.device,
-                          "--precision", args.precision, "--ddim-steps", str(args.ddim_steps), *options)
+                          "--precision", args.precision, "--ddim-steps", str(args.ddim_steps))
         if rec["failed"]:
             raise BenchError(f"batch {b}: subjects failed: {rec['failed']}")
         peaks = {r["stage"]: float(r["peak_rss_mb"]) for r in usage if r.get("status") == "done"}
@@ -69,11 +69,11 @@ def run(args) -> dict:
         b = max(args.batch_sizes)
         work = args.work / "check-mem"
         shutil.rmtree(work, ignore_errors=True)
-        app = App(work, model, args.nprocs, validate=False)
+        app = App(work, model, args.nprocs, validate=False, stage_options=args.stage_option)
         rec, usage = call(app, "check-mem", args.bids, work / "out", "participant", "--participant-label",
                           *labels[:b], "--stages", *STAGES, "--batch-size", str(b), "--mem", args.check_mem,
                           "--device", args.device, "--precision", args.precision,
-                          "--ddim-steps", str(args.ddim_steps), *options)
+                          "--ddim-steps", str(args.ddim_steps))
         if rec["failed"]:
             raise BenchError(f"check-mem: subjects failed: {rec['failed']}")
         from ldae_bids.memory import parse_memory
@@ -93,8 +93,10 @@ def run(args) -> dict:
     from ldae_bids.device import resolve_precision, select_device
 
     precision = resolve_precision(select_device(args.device), args.precision)
-    refine = any(o.startswith("embed.refine_latent=") and int(o.split("=", 1)[1]) > 0 for o in args.stage_option)
-    est = estimate_for_bundle(model, precision, refine)
+    from ldae_bids.config import parse_stage_options
+    from ldae_bids.memory import refines_latent
+
+    est = estimate_for_bundle(model, precision, refines_latent(parse_stage_options(args.stage_option)))
     return {
         "command": "python benchmarks/bench_memory.py " + " ".join(args.argv),
         "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(args.device),

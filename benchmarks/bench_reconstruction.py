@@ -89,6 +89,22 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
+def _paired_table(result: dict, pairs: list[tuple[str, str]], variant: str, first: str, row_name,
+                  intro: str) -> list[str]:
+    """Markdown lines comparing each (plain, variant) method pair, paired over subjects (whole-volume SSIM)."""
+    if not pairs:
+        return []
+    s = result["summary"]
+    ssim = {m: np.array([r["methods"][m]["ssim"] for r in result["subjects"]]) for p in pairs for m in p}
+    lines = [intro, "", f"| {first} | plain | {variant} | {variant} - plain (mean) | subjects better {variant} |",
+             "|---|---|---|---|---|"]
+    for plain, other in pairs:
+        d = ssim[other] - ssim[plain]
+        lines.append(f"| {row_name(plain)} | {s[plain]['ssim']['mean']:.4f} | {s[other]['ssim']['mean']:.4f} | "
+                     f"{d.mean():+.4f} | {int((d > 0).sum())}/{d.size} |")
+    return [*lines, ""]
+
+
 def markdown(result: dict) -> str:
     s = result["summary"]
     lines = [
@@ -121,30 +137,15 @@ def markdown(result: dict) -> str:
             "same x_T without." if "random_free" in s else "."), "",
     ]
     refined = [(m.removesuffix("_refined"), m) for m in s if m.endswith("_refined") and m.removesuffix("_refined") in s]
-    if refined:
-        by_subject = {m: np.array([r["methods"][m]["ssim"] for r in result["subjects"]]) for p in refined for m in p}
-        lines += [f"`*_refined` = the encoder's latent refined by {result.get('refine_steps')} Adam steps on L1 + "
-                  "(1 - SSIM) of its decoded image (`LdaePipeline.refine_latent`, the `embed` stage's "
-                  "`refine_latent` option), decoded by the autoencoder (`ae_refined`) or inverted to x_T and decoded "
-                  "(`ldae_N_refined`); their seconds include the refinement. Paired over subjects, whole-volume SSIM:",
-                  "", "| method | plain | refined | refined - plain (mean) | subjects better refined |",
-                  "|---|---|---|---|---|"]
-        for plain, ref in refined:
-            d = by_subject[ref] - by_subject[plain]
-            lines.append(f"| {plain} | {s[plain]['ssim']['mean']:.4f} | {s[ref]['ssim']['mean']:.4f} | "
-                         f"{d.mean():+.4f} | {int((d > 0).sum())}/{d.size} |")
-        lines.append("")
-    pairs = [(f"ldae_{n}", f"ldae_{n}_anchored") for n in result["steps"] if f"ldae_{n}_anchored" in s]
-    if pairs:
-        by_subject = {m: np.array([r["methods"][m]["ssim"] for r in result["subjects"]]) for p in pairs for m in p}
-        lines += ["`ldae_N_anchored` = the same inversion, decoded with the channel means anchored (the reconstruct "
-                  "stage does not anchor). Paired over subjects, whole-volume SSIM:", "",
-                  "| steps | plain | anchored | anchored - plain (mean) | subjects better anchored |", "|---|---|---|---|---|"]
-        for plain, anch in pairs:
-            d = by_subject[anch] - by_subject[plain]
-            lines.append(f"| {plain.split('_')[1]} | {s[plain]['ssim']['mean']:.4f} | {s[anch]['ssim']['mean']:.4f} | "
-                         f"{d.mean():+.4f} | {int((d > 0).sum())}/{d.size} |")
-        lines.append("")
+    lines += _paired_table(result, refined, "refined", "method", lambda plain: plain, (
+        f"`*_refined` = the encoder's latent refined by {result.get('refine_steps')} Adam steps on L1 + "
+        "(1 - SSIM) of its decoded image (`LdaePipeline.refine_latent`, the `embed` stage's `refine_latent` "
+        "option), decoded by the autoencoder (`ae_refined`) or inverted to x_T and decoded (`ldae_N_refined`); "
+        "their seconds include the refinement. Paired over subjects, whole-volume SSIM:"))
+    anchored = [(f"ldae_{n}", f"ldae_{n}_anchored") for n in result["steps"] if f"ldae_{n}_anchored" in s]
+    lines += _paired_table(result, anchored, "anchored", "steps", lambda plain: plain.split("_")[1], (
+        "`ldae_N_anchored` = the same inversion, decoded with the channel means anchored (the reconstruct "
+        "stage does not anchor). Paired over subjects, whole-volume SSIM:"))
     use = result.get("ysem_use")
     if use:
         lines += [

@@ -151,6 +151,18 @@ def read_config_file(path: Path) -> dict[str, Any]:
 STRENGTH_UNITS = ("alpha", "target")
 
 
+def parse_stage_options(items, into: dict[str, dict[str, str]] | None = None) -> dict[str, dict[str, str]]:
+    """``--stage-option STAGE.KEY=VALUE`` items as ``{stage: {key: value}}`` (added to ``into``, a copy)."""
+    out = {stage: dict(opts) for stage, opts in (into or {}).items()}
+    for item in items:
+        key, eq, value = item.partition("=")
+        stage, dot, name = key.partition(".")
+        if not (eq and dot and stage and name):
+            raise UsageError(f"--stage-option {item!r}: expected STAGE.KEY=VALUE")
+        out.setdefault(stage, {})[name] = value
+    return out
+
+
 def build_settings(**kwargs: Any) -> Settings:
     """Normalise and validate raw values (from the CLI and/or a config file)."""
     kw = {k: v for k, v in kwargs.items() if v is not None}

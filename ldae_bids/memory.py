@@ -23,9 +23,9 @@ from ldae_bids.errors import UsageError
 # after reconstruct at batch sizes 1, 2, 4, 8 follows about 825 MiB + 291 MiB per subject in fp32 and 695-703 MiB
 # + 145-162 MiB per subject under bf16 autocast (2026-12-07, run 8's bundle, two runs; `--precision fp32` and
 # `auto` on a CPU with native bf16), i.e. about 30 and 15-17 bytes per voxel and channel of the autoencoder's
-# first level. bf16 is set at 18. The base is set higher, 1000 MiB, for the run-to-run spread (about 100 MiB) and for several batches in
-# one process: with a base of 900 MiB, --mem 2GB ran batches of 4 and peaked at 2041 MiB, too close to
-# the limit.
+# first level. bf16 is set at 18. The base is set higher, 1000 MiB, for the run-to-run spread (about 100 MiB)
+# and for several batches in one process: with a base of 900 MiB, --mem 2GB ran batches of 4 and peaked at
+# 2041 MiB, too close to the limit.
 BYTES_PER_VOXEL_CHANNEL = {"fp32": 30.0, "bf16": 18.0}
 # With latent refinement (--stage-option embed.refine_latent=N) embed keeps the decoder's activations for the
 # backward pass: its peak follows about 768-828 MiB + 527-561 MiB per subject under bf16 (two runs) and 817 + 835
@@ -71,6 +71,14 @@ def subject_mb(grid_shape, first_channels: int, precision: str = "fp32", refine:
     if refine:
         per = max(per, REFINE_BYTES_PER_VOXEL_CHANNEL[precision])
     return voxels * int(first_channels) * per / 2**20
+
+
+def refines_latent(stage_options: dict[str, dict[str, str]]) -> bool:
+    """Whether ``embed`` refines latents in a run given these ``--stage-option``s (``embed.refine_latent`` > 0)."""
+    from ldae_bids.stages.embed import EmbedStage
+
+    given = stage_options.get("embed", {}).get("refine_latent")
+    return EmbedStage.options["refine_latent"].parse("embed.refine_latent", given) > 0
 
 
 def estimate_for_bundle(path: Path, precision: str = "fp32", refine: bool = False) -> dict:

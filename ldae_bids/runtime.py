@@ -100,10 +100,9 @@ class Resources:
     @cached_property
     def memory_per_subject_mb(self) -> float:
         """Estimated host memory one more subject of a batch costs (``--mem``; see ldae_bids.memory)."""
-        from ldae_bids.memory import estimate_for_bundle, subject_mb
-        from ldae_bids.stages.embed import EmbedStage
+        from ldae_bids.memory import estimate_for_bundle, refines_latent, subject_mb
 
-        refine = EmbedStage.option_value(self.settings, "refine_latent") > 0
+        refine = refines_latent(self.settings.stage_options)
         try:
             return float(estimate_for_bundle(self.model_path, self.precision, refine)["per_subject_mb"])
         except (OSError, ValueError, KeyError, TypeError, IndexError):  # no readable bundle: the compact width

@@ -142,7 +142,7 @@ def run(
     missing sessions. Group level: train linear probes on the codes and write the group report.
     """
     from ldae_bids.app import main_run
-    from ldae_bids.config import build_settings, read_config_file
+    from ldae_bids.config import build_settings, parse_stage_options, read_config_file
 
     options = read_config_file(config_file) if config_file else {}
     labels = list(participant_label or [])
@@ -150,15 +150,7 @@ def run(
         from ldae_bids.app import read_label_file
 
         labels += read_label_file(participant_label_file)
-    stage_opts: dict[str, dict[str, str]] = dict(options.pop("stage_options", {}))
-    for item in stage_option or []:
-        from ldae_bids.errors import UsageError
-
-        key, eq, value = item.partition("=")
-        stage, dot, name = key.partition(".")
-        if not (eq and dot and stage and name):
-            raise UsageError(f"--stage-option {item!r}: expected STAGE.KEY=VALUE")
-        stage_opts.setdefault(stage, {})[name] = value
+    stage_opts = parse_stage_options(stage_option or [], options.pop("stage_options", {}))
     cli = dict(
         bids_dir=bids_dir, output_dir=output_dir, analysis_level=analysis_level,
         participant_label=labels or None, session_label=session_label, t1w_policy=t1w_policy,

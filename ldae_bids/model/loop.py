@@ -96,9 +96,10 @@ def autocast(device: torch.device):
 def lay_out_autoencoder(ae: torch.nn.Module, dist) -> str:
     """Put the autoencoder's weights channels-last for training on the CPU, where a decoder training step (forward
     + backward) is faster in that layout in both precisions (``benchmarks/bench_memory_format.py --training``:
-    1.42x in fp32, 1.35x in bf16, ``benchmarks/results/memory_format.md``); contiguous on CUDA (not measured yet) and always under DDP, whose all-reduce
-    sums gradients as flat buffers, so ranks must not mix layouts. The denoiser stays contiguous (its training
-    step is not faster channels-last). Checkpoints and bundles store contiguous copies."""
+    1.42x in fp32, 1.35x in bf16, ``benchmarks/results/memory_format.md``); contiguous on CUDA (not measured
+    yet) and always under DDP, whose all-reduce sums gradients as flat buffers, so ranks must not mix layouts.
+    The denoiser stays contiguous (its training step is not faster channels-last). Checkpoints and bundles store
+    contiguous copies."""
     name = "channels_last" if dist.device.type == "cpu" and not dist.enabled else "contiguous"
     ae.to(memory_format=torch.channels_last_3d if name == "channels_last" else torch.contiguous_format)
     return name

@@ -30,8 +30,8 @@ class EmbedStage(Stage):
 
     def parameters(self, settings) -> dict[str, Any]:
         params = {"ddim_steps": settings.ddim_steps, "save_xt": settings.save_xt}
-        refine = self.option_value(settings, "refine_latent")
-        if refine:  # only when asked: outputs made without it keep their resume key
+        refine = self.option_value(settings, "refine_latent") if settings.save_xt else 0  # y_sem does not use it
+        if refine:  # only when it applies: outputs made without it keep their resume key
             params["refine_latent"] = refine
         return params
 
@@ -49,7 +49,7 @@ class EmbedStage(Stage):
         pipe = ctx.model.pipeline
         steps = ctx.settings.ddim_steps
         torch.manual_seed(ctx.settings.random_seed)
-        refine = ctx.option("refine_latent") if ctx.settings.save_xt else 0  # y_sem does not depend on it
+        refine = self.parameters(ctx.settings).get("refine_latent", 0)
         codes = pipe.encode(images.to(ctx.device), invert=ctx.settings.save_xt, steps=steps, refine_steps=refine)
         y = codes.y_sem.float().cpu().numpy()
         cols = ysem_columns(y.shape[1])
