@@ -16,7 +16,8 @@ The headline "participant level" figure is preprocess + embed (y_sem and x_T) pe
 Usage::
 
     python benchmarks/bench_participant.py [--bids ../shared/data/ixi] [--n-subjects 10] [--ddim-steps 20] \\
-        [--device auto] [--batch-size B] [--nprocs 2] [--work /tmp/bench-participant] [--out benchmarks/results]
+        [--device auto] [--batch-size B] [--nprocs 2] [--work /tmp/bench-participant] [--out benchmarks/results] \\
+        [--stage-option embed.refine_latent=30]
 
 Writes ``participant.json`` and ``participant.md`` to ``--out``. Exits 0 with a message when the data
 folder is absent.
@@ -92,7 +93,7 @@ def run(args) -> dict:
 
     work = args.work
     model = args.model or (REPO / "ldae_bids" / "data" / "models" / "ldae-compact-ixi")
-    app = App(work, model, args.nprocs, validate=False, in_process=args.in_process)
+    app = App(work, model, args.nprocs, validate=False, in_process=args.in_process, stage_options=args.stage_option)
     parts = pd.read_csv(args.bids / "participants.tsv", sep="\t", dtype=str)
     labels = [p.removeprefix("sub-") for p in parts["participant_id"]][: args.n_subjects]
     if len(labels) < 10 and args.probe is None:
@@ -145,7 +146,8 @@ def run(args) -> dict:
         "settings": {"n_subjects": len(labels), "ddim_steps": args.ddim_steps, "device": args.device,
                      "precision": args.precision, "precision_used": precision_used(args),
                      "batch_size": args.batch_size or "app default", "nprocs": args.nprocs,
-                     "n_manipulate": args.n_manipulate, "n_long": args.n_long},
+                     "n_manipulate": args.n_manipulate, "n_long": args.n_long,
+                     "stage_options": list(args.stage_option)},
         "model": str(model), "bundle": {k: info[k] for k in ("name", "content_hash")},
         "stages": stages,
         "participant_level_seconds_per_subject": float(sum(pe)) if len(pe) == 2 else None,
@@ -171,6 +173,8 @@ def markdown(rep: dict) -> str:
          f"{st['nprocs'] or 'default'}, DDIM steps {st['ddim_steps']}, {st['n_subjects']} IXI subjects.", "",
          *([f"Model bundle: `{rep['bundle']['name']}` (content hash `{rep['bundle']['content_hash']}`).", ""]
            if rep.get("bundle") else []),
+         *(["Every app call had " + ", ".join(f"`--stage-option {o}`" for o in st["stage_options"]) + ".", ""]
+           if st.get("stage_options") else []),
          "Figures from the app's own `logs/resources-<run id>.tsv` (wall seconds of each stage call divided by its "
          "subjects; peak resident memory of the app process so far; CUDA allocator peak during the call).", "",
          "| stage | subjects | batch sizes | s / subject (mean) | median | subjects / hour | peak RSS MiB | peak GPU MiB |",
@@ -211,6 +215,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--keep-simulation", action="store_true",
                     help="reuse WORK/long from an earlier run (the app outputs are always recomputed)")
+    ap.add_argument("--stage-option", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                    help="passed to every app call (repeatable), e.g. embed.refine_latent=30")
     ap.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)

@@ -284,8 +284,11 @@ def bias_choice(choice: str) -> str | None:
     return (meta.get("intensity") or {}).get("bias_correction")
 
 
-def compare(base_path: Path, other_path: Path) -> tuple[dict, str]:
-    """Per-subject paired differences (other - base) of two preprocess.json files, e.g. bf16 against fp32."""
+def compare(base_path: Path, other_path: Path, labels: list[str] | None = None) -> tuple[dict, str]:
+    """Per-subject paired differences (other - base) of two preprocess.json files, e.g. bf16 against fp32.
+
+    ``labels`` (base, other) name the two runs in the title (default: their precisions). Seconds are compared too
+    (``seconds.<step>``), but they are only comparable when both runs had the same machine and threads."""
     base, other = json.loads(base_path.read_text()), json.loads(other_path.read_text())
     rows_a = {r["subject"]: r for r in base["subjects"]}
     rows_b = {r["subject"]: r for r in other["subjects"]}
@@ -293,8 +296,14 @@ def compare(base_path: Path, other_path: Path) -> tuple[dict, str]:
     out = {"base": str(base_path), "other": str(other_path), "n_common": len(common),
            "base_precision": base.get("precision", "fp32"), "other_precision": other.get("precision", "fp32"),
            "metrics": {}}
-    for key in ("bet_dice_vs_dlmuse", "ncc_to_template", "mask_dice_to_template", "brain_volume_ml"):
-        pairs = [(s, rows_a[s].get(key), rows_b[s].get(key)) for s in common]
+    def get(row: dict, key: str):
+        for part in key.split("."):
+            row = row.get(part) if isinstance(row, dict) else None
+        return row
+
+    for key in ("bet_dice_vs_dlmuse", "ncc_to_template", "mask_dice_to_template", "brain_volume_ml",
+                "seconds.brain_extraction", "seconds.registration"):
+        pairs = [(s, get(rows_a[s], key), get(rows_b[s], key)) for s in common]
         pairs = [(s, a, b) for s, a, b in pairs if a is not None and b is not None]
         if not pairs:
             continue
@@ -304,7 +313,9 @@ def compare(base_path: Path, other_path: Path) -> tuple[dict, str]:
                                "other_mean": float(np.mean([b for _, _, b in pairs])),
                                "diff_mean": float(d.mean()), "diff_min": float(d.min()), "diff_max": float(d.max()),
                                "worst_subject": pairs[worst][0]}
-    lines = [f"# Preprocessing: {out['other_precision']} against {out['base_precision']}", "",
+    base_label, other_label = labels or (out["base_precision"], out["other_precision"])
+    out["labels"] = [base_label, other_label]
+    lines = [f"# Preprocessing: {other_label} against {base_label}", "",
              f"`{other_path}` against `{base_path}`, {len(common)} subjects in both (paired, other - base).", "",
              "| metric | base mean | other mean | difference mean | min | max | largest on |",
              "|---|---|---|---|---|---|---|"]
@@ -316,6 +327,8 @@ def compare(base_path: Path, other_path: Path) -> tuple[dict, str]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--compare-labels", nargs=2, default=None, metavar=("BASE", "OTHER"),
+                    help="names of the two --compare runs in the title (default: their precisions)")
     ap.add_argument("--compare", nargs=2, type=Path, metavar=("BASE.json", "OTHER.json"),
                     help="only compare two earlier preprocess.json results per subject (writes preprocess_compare.*)")
     ap.add_argument("--bids", type=Path, default=REPO.parent / "shared" / "data" / "ixi")
@@ -337,7 +350,7 @@ def main(argv=None) -> int:
                          "images match what the preprocess stage writes with the default model")
     args = ap.parse_args(argv)
     if args.compare:
-        result, md = compare(*args.compare)
+        result, md = compare(*args.compare, labels=args.compare_labels)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "preprocess_compare.json").write_text(json.dumps(result, indent=1))
         (args.out / "preprocess_compare.md").write_text(md)

@@ -13,6 +13,8 @@
 #      (preprocess + embed + reconstruct + manipulate + fill, s/subject, peak GPU memory);
 #   3b. bench_memory_format.py --device cuda on 8 of those images: contiguous against channels-last weights
 #      (the app keeps contiguous on CUDA until this says otherwise; its Markdown: --render memory_format.json);
+#   3c. embed + reconstruct again with --stage-option embed.refine_latent=30 (the refinement's cost on the GPU;
+#      its per-stage resources table is printed to run.log);
 #   4. a short training run on the model-ready images of step 3 (whole-volume autoencoder then stage 2,
 #      bf16 autocast) for seconds per step on the GPU: how long a converged model would take (issue 4).
 # OUT gets at most 8 files (the device tool's limit): speed.json/.md, participant.json/.md, memory_format.json,
@@ -136,9 +138,17 @@ run() {
         --batch-size 8 --repeats 3 --precisions bf16 fp32 --device "$DEVICE" --out /tmp/mf
     echo "bench_memory_format exit $?"
     cp /tmp/mf/memory_format.json "$out/" 2>/dev/null
+    echo "== 3c. latent refinement $(date +%T)"
+    # embed (and reconstruct) again on step 3's outputs with embed.refine_latent=30: what refinement costs per
+    # subject on the GPU (the resources table goes to run.log; the option changes their resume keys, so both rerun)
+    timeout 50 python3 -m ldae_bids "$bids" /tmp/bp/out participant --stages embed reconstruct --model "$bundle" \
+        --device "$DEVICE" --batch-size "$BATCH" --ddim-steps 20 --nprocs "$NPROCS" --skip-bids-validation \
+        --stage-option embed.refine_latent=30 > /tmp/refine.log 2>&1
+    echo "refinement run exit $?"; tail -3 /tmp/refine.log
+    cat "$(ls -t /tmp/bp/out/logs/resources-*.tsv | head -1)"
     echo "== 4. training speed $(date +%T)"
     rm -rf /tmp/train
-    timeout 90 python3 -m ldae_bids.cli.train /tmp/bp/out -o /tmp/train --device "$DEVICE" --ae-patch-size 0 --ae-steps "$AE_STEPS" \
+    timeout 75 python3 -m ldae_bids.cli.train /tmp/bp/out -o /tmp/train --device "$DEVICE" --ae-patch-size 0 --ae-steps "$AE_STEPS" \
         --ldae-steps "$LDAE_STEPS" --ae-batch-size 4 --ldae-batch-size 16 --val-every 1000 --checkpoint-every 1000
     echo "training exit $?"
     cp /tmp/train/logs/train.jsonl "$out/" 2>/dev/null

@@ -45,7 +45,8 @@ def test_bench_participant_times_every_stage(ixi, tiny_bundle, age_probe, tmp_pa
     out = tmp_path / "results"
     rc = bench.main(["--bids", str(ixi), "--model", str(tiny_bundle), "--n-subjects", "4", "--ddim-steps", "2",
                      "--device", "cpu", "--batch-size", "2", "--work", str(tmp_path / "work"), "--out", str(out),
-                     "--probe", str(age_probe), "--n-long", "1", "--in-process"])
+                     "--probe", str(age_probe), "--n-long", "1", "--in-process",
+                     "--stage-option", "embed.refine_latent=1"])
     assert rc == 0
     rep = json.loads((out / "participant.json").read_text())
     stages = rep["stages"]
@@ -59,6 +60,11 @@ def test_bench_participant_times_every_stage(ixi, tiny_bundle, age_probe, tmp_pa
     assert rep["participant_level_seconds_per_subject"] == pytest.approx(pre + emb)
     md = (out / "participant.md").read_text()
     assert "| preprocess | 4 |" in md
+    # --stage-option reaches the app: the participant call's x_T comes from refined latents
+    assert rep["settings"]["stage_options"] == ["embed.refine_latent=1"]
+    assert "`--stage-option embed.refine_latent=1`" in md
+    sides = sorted((tmp_path / "work" / "out").glob("sub-*/anat/*_desc-xt_xt.json"))
+    assert len(sides) == 4 and all(json.loads(p.read_text())["LatentRefinementSteps"] == 1 for p in sides)
     digest = json.loads((tiny_bundle / "checksums.json").read_text())["content_hash"]
     assert rep["bundle"]["content_hash"] == digest and digest in md  # which model made the figures
 

@@ -116,7 +116,7 @@ def test_broken_installed_distribution_is_named(tmp_path, monkeypatch):
 
 def test_builtin_stages_register_through_entry_points():
     reg = Registry()
-    for name in ("preprocess", "embed", "reconstruct", "probe", "collect-embeddings"):
+    for name in ("preprocess", "embed", "reconstruct", "probe", "collect-embeddings", "collect-qc"):
         assert name in reg.names
         assert reg.distribution(name)[0] == "ldae-bids"
 
@@ -191,7 +191,7 @@ def test_declared_options_are_checked_and_typed(tmp_path):
 def test_builtin_stages_declare_their_options():
     reg = Registry()
     for name in ("preprocess", "embed", "reconstruct", "manipulate", "fill-missing-sessions", "probe",
-                 "collect-embeddings"):
+                 "collect-embeddings", "collect-qc"):
         assert reg.load(name).options is not None, name
     with pytest.raises(UsageError, match="stage 'embed' has no option 'steps'"):
         reg.check_options({"embed": {"steps": "10"}})

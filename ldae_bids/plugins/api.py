@@ -15,6 +15,7 @@ through ``ctx.writer`` and read what earlier stages wrote from the output folder
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -50,8 +51,8 @@ class StageOption:
     """A ``--stage-option STAGE.KEY=VALUE`` that a stage accepts (declared in :attr:`Stage.options`).
 
     Values stay strings on the command line and in the run's config file; :meth:`parse` checks one and returns
-    it as ``kind`` (``str`` or ``int``). ``choices`` limits a string to a set (``("yes", "no")`` for a switch),
-    ``minimum`` bounds an integer. The run checks every given option before the first subject, so a typo or a
+    it as ``kind`` (``str``, ``int`` or ``float``). ``choices`` limits a string to a set (``("yes", "no")`` for a
+    switch), ``minimum`` bounds a number. The run checks every given option before the first subject, so a typo or a
     bad value stops it with one line and exit code 64 instead of being ignored.
     """
 
@@ -59,7 +60,7 @@ class StageOption:
     default: str | None = None
     choices: tuple[str, ...] = ()
     kind: type = str
-    minimum: int | None = None
+    minimum: float | None = None
 
     def parse(self, name: str, value: str | None) -> Any:
         """``value`` (the default when None) as ``kind``; :class:`UsageError` naming ``name`` (STAGE.KEY)."""
@@ -69,19 +70,22 @@ class StageOption:
                 return None
         if self.choices and value not in self.choices:
             raise UsageError(f"--stage-option {name}={value}: give one of {', '.join(self.choices)}")
-        if self.kind is int:
+        if self.kind in (int, float):
             try:
-                number = int(value)
+                number = self.kind(value)
             except ValueError:
-                raise UsageError(f"--stage-option {name}={value}: not a whole number") from None
+                what = "a whole number" if self.kind is int else "a number"
+                raise UsageError(f"--stage-option {name}={value}: not {what}") from None
+            if self.kind is float and not math.isfinite(number):
+                raise UsageError(f"--stage-option {name}={value}: not a finite number")
             if self.minimum is not None and number < self.minimum:
-                raise UsageError(f"--stage-option {name}={value}: must be at least {self.minimum}")
+                raise UsageError(f"--stage-option {name}={value}: must be at least {self.minimum:g}")
             return number
         return value
 
     def describe(self) -> str:
         """One line for listings: the help, the values and the default."""
-        values = "|".join(self.choices) if self.choices else ("N" if self.kind is int else "TEXT")
+        values = "|".join(self.choices) if self.choices else {int: "N", float: "X"}.get(self.kind, "TEXT")
         default = f", default {self.default}" if self.default not in (None, "") else ""
         return f"{values}{default}: {self.help}"
 

@@ -73,17 +73,12 @@ def _normalised_brain(data: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return brain / max(float(scale), 1e-6)
 
 
-def _ncc(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Weighted global NCC per batch item; ``fixed`` and ``weight`` broadcast over the batch."""
-    dims = tuple(range(1, moving.dim()))
-    wsum = weight.sum()
-    mf = (fixed * weight).sum() / wsum
-    mm = (moving * weight).sum(dim=dims, keepdim=True) / wsum
-    df, dm = fixed - mf, moving - mm
-    cov = (weight * df * dm).sum(dim=dims)
-    var_f = (weight * df * df).sum()
-    var_m = (weight * dm * dm).sum(dim=dims)
-    return cov / torch.sqrt(var_f * var_m + 1e-8)
+def _ncc(fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+    """Global NCC per batch item over sampled points: ``fixed (N,)``, ``moving (B, N)`` -> ``(B,)``."""
+    df = fixed - fixed.mean()
+    dm = moving - moving.mean(dim=1, keepdim=True)
+    cov = (dm * df).sum(dim=1)
+    return cov / torch.sqrt((df * df).sum() * (dm * dm).sum(dim=1) + 1e-8)
 
 
 def _pad_stack(volumes: list[torch.Tensor]) -> torch.Tensor:
@@ -131,7 +126,7 @@ def register_batch(
     b = len(brains)
     fixed_full = template.brain
     region = ndimage.binary_dilation(template.mask, iterations=2)
-    # Crop the template to the region's bounding box (+1 voxel): fewer points to sample.
+    # Crop the template to the region's bounding box (+1 voxel) before pooling it.
     idx = np.argwhere(region)
     lo = np.maximum(idx.min(0) - 1, 0)
     hi = np.minimum(idx.max(0) + 2, region.shape)
@@ -164,10 +159,14 @@ def register_batch(
     for factor, steps, lr in levels:
         if factor > 1:
             fixed_l = F.avg_pool3d(fixed_t, factor, factor)
-            region_l = (F.avg_pool3d(region_t, factor, factor) > 0.5).float()
+            region_l = F.avg_pool3d(region_t, factor, factor) > 0.5
         else:
-            fixed_l, region_l = fixed_t, region_t
-        pts = voxel_world(fixed_l.shape[2:], pooled_affine(tpl_aff, factor), device)
+            fixed_l, region_l = fixed_t, region_t > 0.5
+        # Only the points inside the (dilated) template brain enter the similarity: sample those alone,
+        # as a (N, 1, 1) grid for ``pull``.
+        inside = region_l[0, 0]
+        pts = voxel_world(fixed_l.shape[2:], pooled_affine(tpl_aff, factor), device)[inside][:, None, None]
+        fixed_pts = fixed_l[0, 0][inside]
         # Smooth each moving image to about the level's spacing by average pooling.
         mov_list, inv_affs = [], []
         for brain, aff, sp in zip(brains_n, affines, native_spacing):
@@ -183,8 +182,8 @@ def register_batch(
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1), eta_min=0.05 * lr)
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
-            warped = pull(moving, pts, inv_t @ current())
-            loss = (1.0 - _ncc(fixed_l, warped, region_l)).sum()
+            warped = pull(moving, pts, inv_t @ current()).reshape(b, -1)
+            loss = (1.0 - _ncc(fixed_pts, warped)).sum()
             loss.backward()
             opt.step()
             sched.step()

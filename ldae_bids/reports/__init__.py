@@ -28,6 +28,7 @@ CAPTIONS = {
     "reconstruction": "Input (model grid), LDAE reconstruction and absolute difference.",
     "manipulation": "Counterfactuals: the image moved along a probe direction at several strengths.",
     "synthetic": "Synthetic sessions filled between real visits.",
+    "groupqc": "QC figures of every session (collect-qc): flagged sessions in red, the most deviant labelled.",
 }
 
 
@@ -107,6 +108,9 @@ def write_group_report(settings) -> Path:
     root = settings.output_dir
     group = root / "group"
     body = []
+    qc = group / "desc-qc_metrics.tsv"
+    if qc.is_file():
+        body.append(_qc_section(qc, root))
     metrics = group / "desc-probes_metrics.tsv"
     if metrics.is_file():
         import pandas as pd
@@ -117,3 +121,23 @@ def write_group_report(settings) -> Path:
     figs = _figures(group, root) if group.is_dir() else ""
     body.append("<h2>Figures</h2>" + (figs or "<p>No group figures yet.</p>"))
     return atomic_write_text(root / "group.html", _page("ldae-bids: group report", "\n".join(body)))
+
+
+def _qc_section(path: Path, root: Path) -> str:
+    """Summary of the collect-qc table: how many sessions were flagged, and which, with links to their reports."""
+    import pandas as pd
+
+    df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    flagged = df[df["qc_flagged"] == "True"] if "qc_flagged" in df.columns else df.iloc[:0]
+    rel = html.escape(path.relative_to(root).as_posix())
+    text = (f"<h2>Quality control</h2><p>{len(df)} session(s); <b>{len(flagged)}</b> flagged for a look "
+            f"(failed registration check, or a value far from the others). All values: <a href='{rel}'>{rel}</a>.</p>")
+    if not len(flagged):
+        return text
+    rows = []
+    for _, r in flagged.iterrows():
+        pid = str(r["participant_id"])
+        link = f"<a href='{html.escape(pid)}.html'>{html.escape(pid)}</a>"
+        ses = str(r.get("session_id", "n/a"))
+        rows.append(f"<tr><td>{link}</td><td>{html.escape(ses)}</td><td>{html.escape(str(r['qc_flags']))}</td></tr>")
+    return text + ("<table><tr><th>participant</th><th>session</th><th>why</th></tr>" + "".join(rows) + "</table>")

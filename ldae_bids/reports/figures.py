@@ -91,3 +91,36 @@ def image_rows(rows: list[tuple[str, np.ndarray]], title: str, diff_of: tuple[in
         ax.text(0, r * (h / len(items)) + band - 2, label, fontsize=9, va="bottom", ha="left")
     fig.suptitle(title, fontsize=10, y=1 - 0.5 * band / (h + band), va="center")
     return fig
+
+
+def qc_distributions(table, columns: list[str], keys: list[str], max_labels: int = 8):
+    """One strip plot per QC metric across the sessions of ``table`` (pandas): flagged sessions in red, labelled in
+    the panels of the metrics that flagged them. Metrics with no value (e.g. no reconstruction yet) are left out."""
+    shown = [c for c in columns if c in table.columns and np.isfinite(table[c].to_numpy(dtype=float)).any()]
+    flagged = table["qc_flagged"].to_numpy(dtype=bool) if "qc_flagged" in table.columns else np.zeros(len(table), bool)
+    reasons = list(table["qc_flags"]) if "qc_flags" in table.columns else [None] * len(table)
+    fig = _figure(figsize=(2.1 * max(len(shown), 1), 3.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, max(len(shown), 1)))
+    rng = np.random.default_rng(0)  # the same jitter every time: figures are reproducible
+    jitter = rng.uniform(-0.18, 0.18, len(table))
+    for ax, col in zip(axes, shown):
+        values = table[col].to_numpy(dtype=float)
+        z = table[f"z_{col}"].to_numpy(dtype=float) if f"z_{col}" in table.columns else np.zeros(len(table))
+        ok = np.isfinite(values)
+        ax.scatter(jitter[ok & ~flagged], values[ok & ~flagged], s=9, color="#4a6fa5", alpha=0.7, linewidths=0)
+        ax.scatter(jitter[ok & flagged], values[ok & flagged], s=16, color="#d62728", linewidths=0)
+        # label a flagged session only where this metric is why (the reasons name it), the most deviant first
+        why = [isinstance(r, str) and r.startswith(f"{col} ") or f"; {col} " in str(r) for r in reasons]
+        worst = [i for i in np.argsort(-np.nan_to_num(np.abs(z), nan=0.0)) if ok[i] and why[i]][:max_labels]
+        for i in worst:
+            ax.annotate(keys[i], (jitter[i], values[i]), fontsize=6, xytext=(4, 0), textcoords="offset points",
+                        va="center", color="#d62728")
+        ax.set_xlim(-0.6, 0.6)
+        ax.set_xticks([])
+        ax.set_title(col.replace("_", " "), fontsize=8)
+        ax.tick_params(labelsize=7)
+    if not shown:
+        axes[0].set_axis_off()
+        axes[0].text(0.5, 0.5, "no QC values", ha="center", va="center")
+    fig.suptitle(f"QC across {len(table)} session(s); {int(flagged.sum())} flagged (red)", fontsize=9)
+    return fig

@@ -21,8 +21,8 @@ class EmbedStage(Stage):
     description = "semantic code y_sem and stochastic code x_T (deterministic DDIM inversion) per session"
     options = {"refine_latent": StageOption(
         "steps of latent refinement before the inversion (LdaePipeline.refine_latent): x_T then decodes closer to "
-        "the image in every later stage (30: +0.013 SSIM for the shipped model); about 1.2 s per subject and step on "
-        "2 CPU cores",
+        "the image in every later stage (30: +0.013 SSIM for the shipped model; 10 give most of that, docs/model.md); "
+        "about 1.2 s per subject and step on 2 CPU cores",
         "0", kind=int, minimum=0)}
     requires = ("preprocess",)
     needs_model = True
