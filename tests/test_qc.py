@@ -86,6 +86,7 @@ def test_collect_qc_group_table_report_and_figure(bids_factory, tmp_path):
     assert "n/a" in path.read_text()  # unflagged sessions' reasons are n/a, never an empty cell
     side = json.loads(path.with_suffix(".json").read_text())
     assert side["OutlierZ"] == 3.5 and side["brain_volume_ml"]["Units"] == "ml" and side["MissingSessions"] == []
+    assert all(c in side for c in table.columns if c not in ("participant_id", "session_id"))  # every column described
     assert (out / "group" / "desc-groupqc_figure.svg").is_file()
     page = (out / "group.html").read_text()
     assert "Quality control" in page and "<b>2</b> flagged" in page and "href='sub-07.html'" in page
@@ -106,6 +107,19 @@ def test_collect_qc_without_reconstructions_and_with_missing_sessions(bids_facto
     assert len(table) == 23 and table.reconstruction_ssim.isna().all()
     side = json.loads((out / "group" / "desc-qc_metrics.json").read_text())
     assert side["MissingSessions"] == ["sub-23", "sub-24"]
+    assert "Outliers are judged only" not in (out / "group.html").read_text()  # 23 sessions: judged
+
+
+def test_collect_qc_few_sessions_says_outliers_are_not_judged(bids_factory, tmp_path):
+    labels = [f"{i:02d}" for i in range(5)]
+    bids = bids_factory({k: None for k in labels})
+    out = tmp_path / "out"
+    _plant_qc(bids, out, labels, odd_volume="01", failed="03")
+    assert main([str(bids), str(out), "group", "--stages", "collect-qc", "-w", str(tmp_path / "w")]) == 0
+    table = pd.read_csv(out / "group" / "desc-qc_metrics.tsv", sep="\t")
+    assert list(table.participant_id[table.qc_flagged]) == ["sub-03"]  # the failed check; no z with 5 values
+    assert table.z_brain_volume_ml.isna().all()
+    assert "Outliers are judged only with at least 20 sessions" in (out / "group.html").read_text()
 
 
 @pytest.mark.parametrize("value, message", [("abc", "not a number"), ("nan", "not a finite number"),

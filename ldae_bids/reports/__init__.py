@@ -132,6 +132,11 @@ def _qc_section(path: Path, root: Path) -> str:
     rel = html.escape(path.relative_to(root).as_posix())
     text = (f"<h2>Quality control</h2><p>{len(df)} session(s); <b>{len(flagged)}</b> flagged for a look "
             f"(failed registration check, or a value far from the others). All values: <a href='{rel}'>{rel}</a>.</p>")
+    from ldae_bids.stages.qc import MIN_FOR_OUTLIERS
+
+    if len(df) < MIN_FOR_OUTLIERS:
+        text += (f"<p>Outliers are judged only with at least {MIN_FOR_OUTLIERS} sessions: here only failed "
+                 "registration checks are flagged.</p>")
     if not len(flagged):
         return text
     rows = []

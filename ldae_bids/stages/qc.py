@@ -98,6 +98,8 @@ class CollectQcStage(Stage):
         for m in METRICS:
             sidecar[m.column] = {"Description": f"{m.description} (from the {m.source} sidecar)",
                                  **({"Units": m.units} if m.units else {})}
+            sidecar[f"z_{m.column}"] = {"Description": f"modified z-score of {m.column} over the sessions (n/a with "
+                                                       f"fewer than {MIN_FOR_OUTLIERS} values or no spread)"}
         ctx.writer.write_tsv(table, {"desc": "qc", "suffix": "metrics"}, sidecar)
         from ldae_bids.reports.figures import qc_distributions
 
