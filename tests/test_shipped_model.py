@@ -91,6 +91,13 @@ def test_readme_main_job_on_two_ixi_subjects(ixi, tmp_path):
     rows = hits[0].read_text().splitlines()
     assert len(rows) == 3 and {r.split("\t")[0] for r in rows[1:]} == {"sub-IXI012", "sub-IXI013"}, rows[:3]
     assert (out / "group.html").is_file()
+    # the group QC table: both sessions, registration checked, reconstruction scored (too few to judge outliers)
+    qc = (out / "group" / "desc-qc_metrics.tsv").read_text().splitlines()
+    header = qc[0].split("\t")
+    cells = [dict(zip(header, r.split("\t"))) for r in qc[1:]]
+    assert [c["participant_id"] for c in cells] == ["sub-IXI012", "sub-IXI013"]
+    assert all(c["registration_ok"] == "True" and float(c["reconstruction_ssim_brain"]) > 0.5 for c in cells), cells
+    assert "Quality control" in (out / "group.html").read_text()
 
 
 @needs_bundle
