@@ -15,7 +15,7 @@ Writes ``profile.json`` and ``profile.md`` to ``--out``. Exits 0 with a message 
 Usage::
 
     python benchmarks/profile_stages.py [--bids ../shared/data/ixi] [--n 2] [--steps 20] [--threads 2]
-        [--device auto] [--out benchmarks/results]
+        [--device auto] [--precision auto] [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -47,14 +47,14 @@ def _package(filename: str) -> str:
     return "other"
 
 
-def profile_preprocess(paths: list[Path], grid, device) -> dict:
+def profile_preprocess(paths: list[Path], grid, device, precision: str = "fp32") -> dict:
     from ldae_bids.preprocessing import load_t1w, preprocess_batch
 
     prof = cProfile.Profile()
     t0 = time.perf_counter()
     prof.enable()
     images = [load_t1w(p) for p in paths]
-    results = preprocess_batch(images, grid, device=device, bias_correction=None)
+    results = preprocess_batch(images, grid, device=device, bias_correction=None, precision=precision)
     prof.disable()
     wall = time.perf_counter() - t0
     bad = [r for r in results if isinstance(r, BaseException)]
@@ -144,7 +144,8 @@ def markdown(rep: dict) -> str:
     L = ["# Where the time goes, per stage (issue 7)", "",
          f"Date: {rep['date']}. Command: `{rep['command']}`", "",
          f"Machine: {m['cpu']}, {m['threads']} torch threads, device `{m['device']}`; {rep['n']} IXI subjects in "
-         f"one batch; {rep['steps']} DDIM steps.", "", "## preprocess (cProfile)", "",
+         f"one batch; {rep['steps']} DDIM steps; precision {rep.get('precision', 'fp32')} (deepbet and the model), "
+         f"weights {rep.get('memory_format', 'contiguous')}.", "", "## preprocess (cProfile)", "",
          f"{rep['preprocess']['seconds_per_subject']:.2f} s per subject. Pipeline steps (s per subject): "
          + ", ".join(f"{k} {v:.2f}" for k, v in rep["preprocess"]["pipeline_steps_seconds_per_subject"].items())
          + ".", "", "| package (self time) | seconds | share |", "|---|---|---|"]
@@ -163,7 +164,7 @@ def markdown(rep: dict) -> str:
                  f"{100 * (r['outside_torch_ops_share'] or 0):.0f}% |")
     cr = rep.get("conv_routing")
     if cr:
-        L += ["", f"One batch-1 denoiser call (median of 5): {1000 * cr['pytorch_default']:.0f} ms with PyTorch's own "
+        L += ["", f"One batch-1 fp32 denoiser call (median of 5): {1000 * cr['pytorch_default']:.0f} ms with PyTorch's own "
               f"kernel choice, {1000 * cr['routed_to_onednn']:.0f} ms with the oneDNN routing of "
               f"`ldae_bids/model/cpu_conv.py` ({cr['speedup']:.1f}x)."]
     for name, r in rep["model"].items():
@@ -181,6 +182,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="the app's --precision (auto: bf16 on a GPU and on CPUs with native bf16), with the weight "
+                         "layout the app picks for it")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = ap.parse_args(argv)
     paths = sorted(args.bids.glob("sub-*/anat/sub-*_T1w.nii.gz"))[: args.n]
@@ -200,15 +204,22 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    from ldae_bids.device import resolve_memory_format, resolve_precision
+
+    precision = resolve_precision(device, args.precision)
     mb = load_bundle(args.model, device=device)
+    mb.pipeline.precision = precision  # as the app sets it (runtime.Resources)
+    mb.pipeline.set_memory_format(resolve_memory_format(device, precision))
     grid = Grid.from_dict(mb.metadata["grid"])
-    pre = profile_preprocess(paths, grid, device)
+    pre = profile_preprocess(paths, grid, device, precision)
     from ldae_bids.preprocessing import load_t1w, preprocess_batch
 
-    res = preprocess_batch([load_t1w(p) for p in paths], grid, device=device, bias_correction=None)
+    res = preprocess_batch([load_t1w(p) for p in paths], grid, device=device, bias_correction=None,
+                           precision=precision)
     images = torch.from_numpy(np.stack([np.asarray(r.image.dataobj, dtype=np.float32) for r in res]))[:, None]
     rep = {"command": "python benchmarks/profile_stages.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "date": time.strftime("%Y-%m-%d %H:%M"), "n": len(paths), "steps": args.steps,
+           "precision": precision, "memory_format": resolve_memory_format(device, precision),
            "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "device": str(device),
                        "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None},
            "model": profile_model(images.to(device), mb.pipeline, args.steps), "preprocess": pre,
