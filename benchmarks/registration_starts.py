@@ -12,12 +12,19 @@ If every start ends at the same figures, the usual start found the optimum of th
 subject that the group QC flags (``collect-qc``) differs from the template at that optimum; if a rotated start
 ends higher, the usual start stopped in a local optimum.
 
+With ``--tilt-input``, the input head is turned instead (its affine rotated by each angle about each axis, as a
+scan of a tilted head would be), and registered as the preprocess stage does (``--starts default``: with the
+extra coarse-level starts of ``register.DEFAULT_STARTS``; ``none``: from the centres-of-mass start alone, as before
+they existed): a registration that recovers the tilt ends at the untilted figures.
+
 Usage::
 
     python benchmarks/registration_starts.py --participant-label IXI335 IXI012 [--bids ../shared/data/ixi]
         [--degrees -20 -10 10 20] [--axes pitch] [--threads 2] [--out benchmarks/results]
+    python benchmarks/registration_starts.py --participant-label IXI012 --tilt-input --starts none|default ...
 
-Writes ``registration_starts.json`` and ``.md`` to ``--out``; exits 0 with a message when the data is absent.
+Writes ``registration_starts.json`` and ``.md`` (``registration_tilt.*`` with ``--tilt-input``) to ``--out``;
+exits 0 with a message when the data is absent.
 """
 
 from __future__ import annotations
@@ -66,7 +73,8 @@ def run(args) -> dict:
 
     from ldae_bids.preprocessing import brain as bet
     from ldae_bids.preprocessing.pipeline import load_template
-    from ldae_bids.preprocessing.register import alignment_qc, initial_transform, register_batch
+    from ldae_bids.preprocessing.register import (DEFAULT_STARTS, alignment_qc, initial_transform, mask_centre_world,
+                                                  register_batch)
 
     torch.set_num_threads(args.threads)
     dev = torch.device("cpu")
@@ -78,12 +86,22 @@ def run(args) -> dict:
         img = nib.load(str(path))
         mask = np.asarray(bet.brain_mask(img, dev, precision="bf16").dataobj) > 0
         data = np.asarray(img.dataobj, dtype=np.float32)
-        inits = starts(initial_transform(mask, img.affine, tpl), tpl.centre_of_mass, args.axes, args.degrees)
-        t0 = time.perf_counter()
-        found = register_batch([data] * len(inits), [mask] * len(inits), [img.affine] * len(inits), tpl, dev,
-                               init=list(inits.values()))
-        secs = time.perf_counter() - t0
-        rows = {name: alignment_qc(data, mask, img.affine, m, tpl, dev) for name, m in zip(inits, found)}
+        if args.tilt_input:  # the head turned, registered as the preprocess stage does
+            turns = starts(np.eye(4), mask_centre_world(mask, img.affine), args.axes, args.degrees)
+            affines = {name: turn @ img.affine for name, turn in turns.items()}  # about the brain's centre
+            extra = DEFAULT_STARTS if args.starts == "default" else ()
+            t0 = time.perf_counter()
+            found = register_batch([data] * len(affines), [mask] * len(affines), list(affines.values()), tpl, dev,
+                                   starts=extra)
+            secs = time.perf_counter() - t0
+            rows = {name: alignment_qc(data, mask, a, m, tpl, dev) for (name, a), m in zip(affines.items(), found)}
+        else:
+            inits = starts(initial_transform(mask, img.affine, tpl), tpl.centre_of_mass, args.axes, args.degrees)
+            t0 = time.perf_counter()
+            found = register_batch([data] * len(inits), [mask] * len(inits), [img.affine] * len(inits), tpl, dev,
+                                   init=list(inits.values()), starts=())
+            secs = time.perf_counter() - t0
+            rows = {name: alignment_qc(data, mask, img.affine, m, tpl, dev) for name, m in zip(inits, found)}
         best = max(rows, key=lambda k: rows[k]["ncc_to_template"])
         subjects.append({"subject": f"sub-{label}", "starts": rows, "best_start": best,
                          "ncc_gain_over_usual": rows[best]["ncc_to_template"] - rows["usual"]["ncc_to_template"],
@@ -93,19 +111,34 @@ def run(args) -> dict:
               f"(+{subjects[-1]['ncc_gain_over_usual']:.4f} NCC)", flush=True)
     return {"command": "python benchmarks/registration_starts.py " + " ".join(args.argv),
             "date": time.strftime("%Y-%m-%d %H:%M"), "axes": args.axes, "degrees": args.degrees,
+            "tilt_input": args.tilt_input, "starts": args.starts if args.tilt_input else "rotated (this benchmark's)",
+            "extra_starts": [list(s) for s in DEFAULT_STARTS] if args.tilt_input and args.starts == "default" else [],
             "subjects": subjects}
 
 
 def markdown(rep: dict) -> str:
-    L = ["# Registration from rotated starts", "", f"Date: {rep['date']}. Command: `{rep['command']}`", "",
-         "Per subject: NCC to the template inside its brain mask / Dice of the warped brain mask with the "
-         "template's, after the preprocess stage's registration from the usual start and from rotated ones.", ""]
+    if rep.get("tilt_input"):
+        L = ["# Registration of tilted heads", "", f"Date: {rep['date']}. Command: `{rep['command']}`", "",
+             "Per subject: NCC to the template inside its brain mask / Dice of the warped brain mask with the "
+             "template's, after the preprocess stage's registration of the head as scanned (`usual`) and turned by "
+             "each angle about its brain's centre; extra coarse-level starts: "
+             + (", ".join(f"axis {a} {d:+g} degrees" for a, d in rep["extra_starts"]) or "none") + ".", ""]
+    else:
+        L = ["# Registration from rotated starts", "", f"Date: {rep['date']}. Command: `{rep['command']}`", "",
+             "Per subject: NCC to the template inside its brain mask / Dice of the warped brain mask with the "
+             "template's, after the preprocess stage's registration from the usual start and from rotated ones.", ""]
     names = list(rep["subjects"][0]["starts"]) if rep["subjects"] else []
-    L += ["| subject | " + " | ".join(names) + " | best start: NCC gain |", "|---" * (len(names) + 2) + "|"]
+    last = "worst: NCC below usual" if rep.get("tilt_input") else "best start: NCC gain"
+    L += ["| subject | " + " | ".join(names) + f" | {last} |", "|---" * (len(names) + 2) + "|"]
     for s in rep["subjects"]:
-        cells = [f"{s['starts'][n]['ncc_to_template']:.4f} / {s['starts'][n]['mask_dice_to_template']:.4f}"
-                 for n in names]
-        L.append(f"| {s['subject']} | " + " | ".join(cells) + f" | {s['best_start']}: {s['ncc_gain_over_usual']:+.4f} |")
+        rows = s["starts"]
+        cells = [f"{rows[n]['ncc_to_template']:.4f} / {rows[n]['mask_dice_to_template']:.4f}" for n in names]
+        if rep.get("tilt_input"):
+            worst = min(rows, key=lambda k: rows[k]["ncc_to_template"])
+            tail = f"{worst}: {rows[worst]['ncc_to_template'] - rows['usual']['ncc_to_template']:+.4f}"
+        else:
+            tail = f"{s['best_start']}: {s['ncc_gain_over_usual']:+.4f}"
+        L.append(f"| {s['subject']} | " + " | ".join(cells) + f" | {tail} |")
     return "\n".join(L) + "\n"
 
 
@@ -115,6 +148,9 @@ def main(argv=None) -> int:
     ap.add_argument("--participant-label", nargs="+", required=True)
     ap.add_argument("--degrees", nargs="+", type=float, default=[-20, -10, 10, 20])
     ap.add_argument("--axes", nargs="+", choices=sorted(AXES), default=["pitch"])
+    ap.add_argument("--tilt-input", action="store_true", help="turn the input head instead of the start")
+    ap.add_argument("--starts", choices=["default", "none"], default="default",
+                    help="with --tilt-input: the registration's extra coarse-level starts, or none")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = ap.parse_args(argv)
@@ -126,8 +162,9 @@ def main(argv=None) -> int:
         os.environ["TEMPLATEFLOW_HOME"] = str(REPO.parent / "shared" / "templateflow")
     rep = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "registration_starts.json").write_text(json.dumps(rep, indent=1) + "\n")
-    (args.out / "registration_starts.md").write_text(markdown(rep))
+    name = "registration_tilt" if args.tilt_input else "registration_starts"
+    (args.out / f"{name}.json").write_text(json.dumps(rep, indent=1) + "\n")
+    (args.out / f"{name}.md").write_text(markdown(rep))
     print(markdown(rep))
     return 0
 

@@ -352,6 +352,32 @@ def test_preprocess_real_subject(tf_home, tmp_path):
 
 @pytest.mark.ixi
 @needs_ixi
+def test_registration_of_a_tilted_head(tf_home):
+    """IXI012's head pitched by 30 degrees: from the centres-of-mass start alone the registration ends in a wrong
+    optimum that the old check (Dice 0.85) passed; with the extra coarse-level starts it ends where the head as
+    scanned does, and the registration check now fails the wrong one."""
+    from ldae_bids.preprocessing import brain as bet
+    from ldae_bids.preprocessing.pipeline import QC_MIN_DICE, load_template
+    from ldae_bids.preprocessing.register import mask_centre_world, rotation_about
+
+    img = nib.load(str(IXI / "sub-IXI012" / "anat" / "sub-IXI012_T1w.nii.gz"))
+    dev = torch.device("cpu")
+    tpl = load_template()
+    mask = np.asarray(bet.brain_mask(img, dev, precision="bf16").dataobj) > 0
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    tilted = rotation_about(0, 30.0, mask_centre_world(mask, img.affine)) @ img.affine
+    usual, recovered = register_batch([data, data], [mask, mask], [img.affine, tilted], tpl, dev)
+    (alone,) = register_batch([data], [mask], [tilted], tpl, dev, starts=())
+    qc = {k: alignment_qc(data, mask, a, m, tpl, dev)
+          for k, a, m in (("usual", img.affine, usual), ("recovered", tilted, recovered), ("alone", tilted, alone))}
+    assert qc["recovered"]["ncc_to_template"] == pytest.approx(qc["usual"]["ncc_to_template"], abs=0.003)
+    assert qc["recovered"]["mask_dice_to_template"] == pytest.approx(qc["usual"]["mask_dice_to_template"], abs=0.003)
+    assert qc["alone"]["ncc_to_template"] < qc["usual"]["ncc_to_template"] - 0.1  # the failure the starts fix
+    assert 0.85 < qc["alone"]["mask_dice_to_template"] < QC_MIN_DICE < qc["usual"]["mask_dice_to_template"]
+
+
+@pytest.mark.ixi
+@needs_ixi
 def test_brain_extraction_in_bf16_gives_the_fp32_mask():
     from ldae_bids.preprocessing.brain import brain_probability, postprocess
 

@@ -47,3 +47,14 @@ def test_missing_data_folder_skips(tmp_path, capsys):
     assert _bench().main(["--bids", str(tmp_path / "none"), "--participant-label", "01", "--out",
                           str(tmp_path / "r")]) == 0
     assert "nothing measured" in capsys.readouterr().out
+
+
+def test_tilted_input_mode(ixi, tmp_path):
+    bench = _bench()
+    assert bench.main(["--bids", str(ixi), "--participant-label", "IXI013", "--tilt-input", "--degrees", "10",
+                       "--axes", "roll", "--threads", "2", "--out", str(tmp_path)]) == 0
+    rep = json.loads((tmp_path / "registration_tilt.json").read_text())
+    rows = rep["subjects"][0]["starts"]
+    assert rep["tilt_input"] and rep["extra_starts"] and list(rows) == ["usual", "roll +10"]
+    assert rows["roll +10"]["ncc_to_template"] == pytest.approx(rows["usual"]["ncc_to_template"], abs=0.003)
+    assert "worst: NCC below usual" in (tmp_path / "registration_tilt.md").read_text()

@@ -15,7 +15,7 @@ from ldae_bids.plugins.api import Level, Stage, StageContext
 class PreprocessStage(Stage):
     name = "preprocess"
     level = Level.PARTICIPANT
-    version = "1"
+    version = "2"  # 2: registration also starts its coarse level from pitched starts (tilted heads; register.py)
     description = "deepbet brain extraction, affine registration to MNI152NLin2009cAsym, resampling, normalisation"
     options = {}  # no --stage-option: any given is refused
     batchable = True
