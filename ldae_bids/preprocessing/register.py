@@ -5,8 +5,10 @@ The transform is a point mapping from template world (RAS mm) to native world,
 inverse. Initialisation matches the brain masks' centres of mass and volumes (isotropic
 scale); then Adam maximises the global normalised cross-correlation (NCC) between the
 warped brain and the template brain over the (dilated) template brain mask, coarse to
-fine (6, 4, 2 mm). All subjects of a batch are optimised together (independent
-parameters, one ``grid_sample`` per step), on GPU when there.
+fine (6, 4, 2 mm), sampling the warped brain at the mask's points only. The coarsest
+level also runs from that start pitched by -25 and +25 degrees, and each subject goes
+on from its best start (tilted heads). All subjects of a batch are optimised together
+(independent parameters, one ``grid_sample`` per step), on GPU when there.
 """
 
 from __future__ import annotations
