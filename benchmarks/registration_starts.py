@@ -45,25 +45,14 @@ if str(REPO) not in sys.path:
 AXES = {"pitch": 0, "roll": 1, "yaw": 2}  # rotation about the RAS x (left-right), y (front-back), z (up-down) axis
 
 
-def rotation(axis: int, degrees: float) -> np.ndarray:
-    """4x4 rotation by ``degrees`` about world axis ``axis`` (0, 1, 2 = x, y, z)."""
-    a = np.deg2rad(degrees)
-    c, s = np.cos(a), np.sin(a)
-    i, j = [(1, 2), (0, 2), (0, 1)][axis]
-    r = np.eye(4)
-    r[i, i] = r[j, j] = c
-    r[i, j], r[j, i] = -s, s
-    return r
-
-
 def starts(init: np.ndarray, centre: np.ndarray, axes: list[str], degrees: list[float]) -> dict[str, np.ndarray]:
     """The usual template-to-native start and its rotations about the template point ``centre``."""
-    to_c, from_c = np.eye(4), np.eye(4)
-    to_c[:3, 3], from_c[:3, 3] = centre, -centre
+    from ldae_bids.preprocessing.register import rotation_about
+
     out = {"usual": init}
     for name in axes:
         for deg in degrees:
-            out[f"{name} {deg:+g}"] = init @ to_c @ rotation(AXES[name], deg) @ from_c
+            out[f"{name} {deg:+g}"] = init @ rotation_about(AXES[name], deg, centre)
     return out
 
 
