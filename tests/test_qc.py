@@ -70,14 +70,20 @@ def test_flag_sessions_sides():
     assert table.loc[0, "z_ncc_to_template"] > 3.5 and pd.isna(table.qc_flags[5])
 
 
-def test_collect_qc_group_table_report_and_figure(bids_factory, tmp_path):
-    labels = [f"{i:02d}" for i in range(30)]
+def _collect_qc(bids_factory, tmp_path, n, planted=None, **plant):
+    """``n`` subjects, QC sidecars planted for ``planted`` of them (default all), then ``group --stages
+    collect-qc``; returns the dataset, the output folder and the QC table."""
+    labels = [f"{i:02d}" for i in range(n)]
     bids = bids_factory({k: None for k in labels})
     out = tmp_path / "out"
-    _plant_qc(bids, out, labels, odd_volume="07", failed="11")
+    _plant_qc(bids, out, labels[:planted], **plant)
     assert main([str(bids), str(out), "group", "--stages", "collect-qc", "-w", str(tmp_path / "w")]) == 0
+    return bids, out, pd.read_csv(out / "group" / "desc-qc_metrics.tsv", sep="\t")
+
+
+def test_collect_qc_group_table_report_and_figure(bids_factory, tmp_path):
+    bids, out, table = _collect_qc(bids_factory, tmp_path, 30, odd_volume="07", failed="11")
     path = out / "group" / "desc-qc_metrics.tsv"
-    table = pd.read_csv(path, sep="\t")
     assert list(table.columns[:3]) == ["participant_id", "qc_flagged", "qc_flags"] and len(table) == 30
     assert sorted(table.participant_id[table.qc_flagged]) == ["sub-07", "sub-11"]
     row = table.set_index("participant_id").loc["sub-11"]
@@ -98,12 +104,7 @@ def test_collect_qc_group_table_report_and_figure(bids_factory, tmp_path):
 
 
 def test_collect_qc_without_reconstructions_and_with_missing_sessions(bids_factory, tmp_path):
-    labels = [f"{i:02d}" for i in range(25)]
-    bids = bids_factory({k: None for k in labels})
-    out = tmp_path / "out"
-    _plant_qc(bids, out, labels[:-2], recon=False)  # two subjects not preprocessed yet
-    assert main([str(bids), str(out), "group", "--stages", "collect-qc", "-w", str(tmp_path / "w")]) == 0
-    table = pd.read_csv(out / "group" / "desc-qc_metrics.tsv", sep="\t")
+    _, out, table = _collect_qc(bids_factory, tmp_path, 25, planted=23, recon=False)  # two not preprocessed yet
     assert len(table) == 23 and table.reconstruction_ssim.isna().all()
     side = json.loads((out / "group" / "desc-qc_metrics.json").read_text())
     assert side["MissingSessions"] == ["sub-23", "sub-24"]
@@ -111,12 +112,7 @@ def test_collect_qc_without_reconstructions_and_with_missing_sessions(bids_facto
 
 
 def test_collect_qc_few_sessions_says_outliers_are_not_judged(bids_factory, tmp_path):
-    labels = [f"{i:02d}" for i in range(5)]
-    bids = bids_factory({k: None for k in labels})
-    out = tmp_path / "out"
-    _plant_qc(bids, out, labels, odd_volume="01", failed="03")
-    assert main([str(bids), str(out), "group", "--stages", "collect-qc", "-w", str(tmp_path / "w")]) == 0
-    table = pd.read_csv(out / "group" / "desc-qc_metrics.tsv", sep="\t")
+    _, out, table = _collect_qc(bids_factory, tmp_path, 5, odd_volume="01", failed="03")
     assert list(table.participant_id[table.qc_flagged]) == ["sub-03"]  # the failed check; no z with 5 values
     assert table.z_brain_volume_ml.isna().all()
     assert "Outliers are judged only with at least 20 sessions" in (out / "group.html").read_text()

@@ -222,10 +222,10 @@ def register_batch(
             ncc = ncc.reshape(b, len(turns)).cpu()
             best = ncc.argmax(dim=1)
             best = torch.where(ncc.max(dim=1).values > ncc[:, 0] + START_MARGIN, best, torch.zeros_like(best))
-            keep = torch.arange(b) * len(turns) + best
-            init_t = init_t[keep.to(device)]
-            d_lin = d_lin.detach()[keep.to(device)].clone().requires_grad_(True)
-            d_trans = d_trans.detach()[keep.to(device)].clone().requires_grad_(True)
+            keep = (torch.arange(b) * len(turns) + best).to(device)
+            init_t = init_t[keep]
+            d_lin = d_lin.detach()[keep].clone().requires_grad_(True)
+            d_trans = d_trans.detach()[keep].clone().requires_grad_(True)
             subject_of = list(range(b))
     with torch.no_grad():
         out = current().double().cpu().numpy()

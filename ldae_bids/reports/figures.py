@@ -93,12 +93,14 @@ def image_rows(rows: list[tuple[str, np.ndarray]], title: str, diff_of: tuple[in
     return fig
 
 
-def qc_distributions(table, columns: list[str], keys: list[str], max_labels: int = 8):
+def qc_distributions(table, columns: list[str], keys: list[str], flagged_by: dict | None = None,
+                     max_labels: int = 8):
     """One strip plot per QC metric across the sessions of ``table`` (pandas): flagged sessions in red, labelled in
-    the panels of the metrics that flagged them. Metrics with no value (e.g. no reconstruction yet) are left out."""
+    the panels of the metrics that flagged them (``flagged_by``: per column, a boolean per session, as
+    :func:`ldae_bids.stages.qc.flag_sessions` returns it). Metrics with no value (e.g. no reconstruction yet) are
+    left out."""
     shown = [c for c in columns if c in table.columns and np.isfinite(table[c].to_numpy(dtype=float)).any()]
     flagged = table["qc_flagged"].to_numpy(dtype=bool) if "qc_flagged" in table.columns else np.zeros(len(table), bool)
-    reasons = list(table["qc_flags"]) if "qc_flags" in table.columns else [None] * len(table)
     fig = _figure(figsize=(2.1 * max(len(shown), 1), 3.6), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, max(len(shown), 1)))
     rng = np.random.default_rng(0)  # the same jitter every time: figures are reproducible
@@ -109,8 +111,8 @@ def qc_distributions(table, columns: list[str], keys: list[str], max_labels: int
         ok = np.isfinite(values)
         ax.scatter(jitter[ok & ~flagged], values[ok & ~flagged], s=9, color="#4a6fa5", alpha=0.7, linewidths=0)
         ax.scatter(jitter[ok & flagged], values[ok & flagged], s=16, color="#d62728", linewidths=0)
-        # label a flagged session only where this metric is why (the reasons name it), the most deviant first
-        why = [isinstance(r, str) and r.startswith(f"{col} ") or f"; {col} " in str(r) for r in reasons]
+        # label a flagged session only where this metric flagged it, the most deviant first
+        why = (flagged_by or {}).get(col, np.zeros(len(table), bool))
         worst = [i for i in np.argsort(-np.nan_to_num(np.abs(z), nan=0.0)) if ok[i] and why[i]][:max_labels]
         for i in worst:
             ax.annotate(keys[i], (jitter[i], values[i]), fontsize=6, xytext=(4, 0), textcoords="offset points",

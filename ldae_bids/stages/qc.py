@@ -73,7 +73,7 @@ class CollectQcStage(Stage):
                             "participant level first)", unit.output_dir)
             return
         threshold = ctx.option("outlier_z")
-        flag_sessions(table, threshold)
+        flagged_by = flag_sessions(table, threshold)
         ids = [c for c in ("participant_id", "session_id") if c in table.columns]
         first = ids + ["qc_flagged", "qc_flags"]
         table = table[first + [c for c in table.columns if c not in first]]
@@ -103,7 +103,7 @@ class CollectQcStage(Stage):
         ctx.writer.write_tsv(table, {"desc": "qc", "suffix": "metrics"}, sidecar)
         from ldae_bids.reports.figures import qc_distributions
 
-        ctx.writer.write_figure(qc_distributions(table, [m.column for m in METRICS], _keys(table)),
+        ctx.writer.write_figure(qc_distributions(table, [m.column for m in METRICS], _keys(table), flagged_by),
                                 {"desc": "groupqc", "suffix": "figure"})
 
 
@@ -168,10 +168,11 @@ def modified_z(values: np.ndarray) -> np.ndarray:
     return out
 
 
-def flag_sessions(table, threshold: float) -> None:
+def flag_sessions(table, threshold: float) -> dict[str, np.ndarray]:
     """Add a ``z_<metric>`` column per metric, ``qc_flagged`` (bool) and ``qc_flags`` (the reasons joined by '; ',
-    None when there are none)."""
+    None when there are none); return, per metric column, which sessions it flagged."""
     reasons: list[list[str]] = [[] for _ in range(len(table))]
+    flagged_by: dict[str, np.ndarray] = {}
     for i, ok in enumerate(table["registration_ok"]):
         if isinstance(ok, bool | np.bool_) and not ok:  # None (not recorded) is no failure
             reasons[i].append("registration check failed")
@@ -179,8 +180,10 @@ def flag_sessions(table, threshold: float) -> None:
         z = modified_z(table[m.column].to_numpy())
         table[f"z_{m.column}"] = np.round(z, 2)
         bad = {"low": z < -threshold, "high": z > threshold, "both": np.abs(z) > threshold}[m.side]
+        flagged_by[m.column] = bad
         for i in np.flatnonzero(bad):
             direction = "low" if z[i] < 0 else "high"
             reasons[i].append(f"{m.column} {direction} (z {z[i]:+.1f})")
     table["qc_flagged"] = [bool(r) for r in reasons]
     table["qc_flags"] = ["; ".join(r) if r else None for r in reasons]
+    return flagged_by
