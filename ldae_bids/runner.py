@@ -335,19 +335,25 @@ class Runner:
         Only when both runs saw the same sessions: a run on fewer (``--session-label``) keeps the others' files."""
         unit, sessions = s.key, sorted(ses.key for ses in s.sessions)
         self.stamps.write(unit, stage, key, files, self.settings.run_id, sessions)
-        if not previous or previous.get("sessions") != sessions:
-            return
+        if previous and previous.get("sessions") == sessions:
+            self._remove_stale(unit, stage, previous, files)
+
+    def _remove_stale(self, unit: str, stage: str, previous: dict | None, files: list[Path]) -> None:
+        """Remove the files the previous run of (unit, stage) recorded and this run did not write, and the
+        folders that leaves empty below the file's top folder (``sub-<label>``, ``group``)."""
         root = self.settings.output_dir.resolve()
         kept = {Path(f).resolve() for f in files}
-        for rel in previous.get("files", []):
+        for rel in (previous or {}).get("files", []):
             path = (root / rel).resolve()
-            if path not in kept and path.is_relative_to(root) and path.is_file():
-                path.unlink()
-                log.info("%s: removed %s (written by an earlier run of %s, not by this one)", unit, rel, stage)
-                for parent in path.parents:  # folders left empty (e.g. a synthetic session no longer asked for)
-                    if parent == root / unit or not parent.is_relative_to(root / unit) or any(parent.iterdir()):
-                        break
-                    parent.rmdir()
+            if path in kept or not path.is_relative_to(root) or not path.is_file():
+                continue
+            path.unlink()
+            log.info("%s: removed %s (written by an earlier run of %s, not by this one)", unit, rel, stage)
+            top = root / path.relative_to(root).parts[0]
+            for parent in path.parents:  # folders left empty (e.g. a synthetic session no longer asked for)
+                if parent == top or not parent.is_relative_to(top) or any(parent.iterdir()):
+                    break
+                parent.rmdir()
 
     # ------------------------------------------------------------------ group
     def run_group(self, group: GroupInput) -> list[UnitResult]:
@@ -368,6 +374,7 @@ class Runner:
                 continue
             ctx = self._context(stage)
             self._preflight(stage)  # a run-wide problem stops the run here, before the stage's stamp goes
+            previous = self.stamps.read("group", stage.name)
             self.stamps.remove("group", stage.name)
             try:
                 with self.usage.measure(stage.name, ["group"]):
@@ -382,6 +389,7 @@ class Runner:
                     raise
             else:
                 self.stamps.write("group", stage.name, key, ctx.writer.written, self.settings.run_id)
+                self._remove_stale("group", stage.name, previous, ctx.writer.written)
                 res.done.append(stage.name)
             res.seconds = time.perf_counter() - t0
             res.unit = f"group: {stage.name}"

@@ -64,6 +64,12 @@ def test_probe_stage_finds_planted_signal_and_beats_trivial(cohort, tmp_path):
     assert main([str(cohort), str(out), "group", "--targets", "age", "sex", "--stage-option", "probe.n_boot=200",
                  "-w", str(tmp_path / "w")]) == 0
     assert (out / "logs" / "stamps" / "group" / "probe.json").read_text() == stamp
+    # third run without age: the age probe's files go (manipulate's default would otherwise still find its probe)
+    assert main([str(cohort), str(out), "group", "--targets", "sex", "--stage-option", "probe.n_boot=200",
+                 "-w", str(tmp_path / "w")]) == 0
+    assert not list((out / "group").glob("target-age_*")) and (out / "group" / "target-sex_desc-probe_probe.json").is_file()
+    m = pd.read_csv(out / "group" / "desc-probes_metrics.tsv", sep="\t")
+    assert set(m.target) == {"sex"} and "target-age" not in (out / "group.html").read_text()
 
 
 def test_brain_volume_covariate(cohort, tmp_path):

@@ -140,3 +140,17 @@ def test_collect_qc_runs_by_default_and_warns_without_sidecars(bids_factory, tmp
     log = next((out / "logs").glob("ldae-bids-*.log")).read_text()
     assert "collect-qc: no preprocess sidecar with QC" in log
     assert not (out / "group" / "desc-qc_metrics.tsv").exists()
+
+
+def test_collect_qc_removes_its_earlier_table_when_it_writes_none(bids_factory, tmp_path):
+    """A group stage's outputs match the current inputs: once the sidecars are gone, the next run removes the
+    table, its sidecar and figure written from them (like a participant stage's outputs no longer asked for)."""
+    bids, out, _ = _collect_qc(bids_factory, tmp_path, 3)
+    written = [out / "group" / n for n in ("desc-qc_metrics.tsv", "desc-qc_metrics.json", "desc-groupqc_figure.svg")]
+    assert all(p.is_file() for p in written)
+    for side in out.glob("sub-*/anat/*desc-preproc_T1w.json"):
+        side.unlink()  # by hand: no stamp changed, hence --force
+    assert main([str(bids), str(out), "group", "--stages", "collect-qc", "--force", "-w", str(tmp_path / "w")]) == 0
+    assert not any(p.exists() for p in written)
+    log = "".join(p.read_text() for p in (out / "logs").glob("ldae-bids-*.log"))  # two runs may share a second
+    assert "removed group/desc-qc_metrics.tsv (written by an earlier run of collect-qc" in log
