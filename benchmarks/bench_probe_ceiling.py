@@ -24,6 +24,8 @@ Usage::
 ``--compare-data DIR --compare-label n4`` adds the voxels, latent and y_sem of a second set of model-ready images
 of the same subjects (e.g. preprocessed with N4 bias-field correction), with paired differences to the same
 representation of ``--data``: what a preprocessing choice changes in what a linear probe can read.
+``--compare-bundle B`` encodes those images with another bundle (e.g. one fine-tuned on them): what the choice
+changes once the model is trained for it.
 """
 
 from __future__ import annotations
@@ -156,7 +158,10 @@ def markdown(result: dict) -> str:
         "latent, y_sem = the semantic code, roi = regional volumes of a native-space segmentation."]
     compare = result.get("compare")
     if compare:
-        lines += ["", f"`NAME:{compare['label']}` rows: the same representation of the images in `{compare['data']}` "
+        other = compare.get("bundle", result["bundle"])
+        by = "" if other["content_hash"] == result["bundle"]["content_hash"] else (
+            f", encoded by bundle `{other['name']}` (content hash `{other['content_hash'][:16]}...`)")
+        lines += ["", f"`NAME:{compare['label']}` rows: the same representation of the images in `{compare['data']}`{by} "
                   f"(the same subjects, folds and draws), against the images of `--data`:", "",
                   "| features | " + " | ".join(f"{t}: {compare['label']} minus --data (paired)"
                                                 for t in result["kinds"]) + " |",
@@ -201,10 +206,14 @@ def main(argv: list[str] | None = None) -> int:
                     "--bias-correction n4 --save-dir): voxels, latent and y_sem of these too, as rows NAME:LABEL, "
                     "with paired differences to the same representation of --data")
     ap.add_argument("--compare-label", default="compare", help="LABEL of the --compare-data rows")
+    ap.add_argument("--compare-bundle", type=Path, default=None,
+                    help="encode --compare-data with this bundle (default: --bundle), e.g. one trained on them")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = ap.parse_args(argv)
     if ":" in args.compare_label or not args.compare_label:
         ap.error("--compare-label must be a non-empty name without ':'")
+    if args.compare_bundle and not args.compare_data:
+        ap.error("--compare-bundle needs --compare-data")
 
     import torch
 
@@ -222,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skipped: {what} not found at {path}")
             return 0
     mb = load_bundle(bundle_path, device="cpu")
+    if args.compare_bundle and not (args.compare_bundle / "config.json").exists():
+        print(f"skipped: model bundle not found at {args.compare_bundle}")
+        return 0
+    other_mb = load_bundle(args.compare_bundle, device="cpu") if args.compare_bundle else mb
     people = read_table(participants)
     roi = read_table(roi_path) if roi_path.is_file() else {}
     datasets = [args.data] + ([args.compare_data] if args.compare_data else [])
@@ -234,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     feats = image_features(args.data, labels, mb.pipeline, tuple(mb.config.image_shape), args.batch_size,
                            views=args.views)
     if args.compare_data:
-        other = image_features(args.compare_data, labels, mb.pipeline, tuple(mb.config.image_shape),
+        other = image_features(args.compare_data, labels, other_mb.pipeline, tuple(other_mb.config.image_shape),
                                args.batch_size)
         feats |= {f"{k}:{args.compare_label}": v for k, v in other.items()}
     if roi:
@@ -250,7 +263,9 @@ def main(argv: list[str] | None = None) -> int:
               "seed": args.seed, "environment": {"machine": platform.machine(), "torch": torch.__version__},
               "kinds": {}, "trivial": {}, "features": {}}
     if args.compare_data:
-        result["compare"] = {"data": str(args.compare_data), "label": args.compare_label}
+        result["compare"] = {"data": str(args.compare_data), "label": args.compare_label,
+                             "bundle": {"path": str(args.compare_bundle or bundle_path), "name": other_mb.name,
+                                        "content_hash": other_mb.content_hash}}
     feats = {k: v for k, v in feats.items() if not args.features or k.split(":")[0] in args.features}
     for target in args.targets:
         y = [people[s].get(target) for s in labels]

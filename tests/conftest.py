@@ -31,8 +31,8 @@ def _nifti(path: Path, shape=(24, 28, 24), seed=0, zooms=(2.0, 2.0, 2.0)) -> Non
     nib.save(nib.Nifti1Image(data, affine), str(path))
 
 
-def save_tiny_bundle(path: Path, metadata: dict, latent_mean: tuple[float, ...] | None = None):
-    """A bundle of the tiny preset with random weights (seed 0) on a 10 mm grid centred like the compact one.
+def save_tiny_bundle(path: Path, metadata: dict, latent_mean: tuple[float, ...] | None = None, seed: int = 0):
+    """A bundle of the tiny preset with random weights (``seed``) on a 10 mm grid centred like the compact one.
 
     ``metadata`` is completed with that grid; ``latent_mean``: the config's latent channel means (two values).
     Returns ``(path, grid)``.
@@ -46,7 +46,7 @@ def save_tiny_bundle(path: Path, metadata: dict, latent_mean: tuple[float, ...] 
     from ldae_bids.model.pipeline import LdaePipeline
     from ldae_bids.preprocessing import Grid
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg, _ = preset("tiny")
     cfg = dataclasses.replace(cfg, latent_mean=latent_mean)
     grid = Grid.centred_like(Grid.compact(), cfg.image_shape, 10.0, name="tiny")

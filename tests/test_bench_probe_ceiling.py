@@ -129,3 +129,19 @@ def test_compare_data_rows_are_paired_to_the_same_representation(tmp_path):
     assert "minus_y_sem" not in alt and "minus_base" not in base
     md = (out / "probe_ceiling.md").read_text()
     assert "| voxels:alt | 4,096 |" in md and "age: alt minus --data (paired)" in md  # no masks: every voxel
+
+    # the same images encoded by another bundle (e.g. one trained on them): the voxels are the same, y_sem is not
+    other, _ = save_tiny_bundle(tmp_path / "other-bundle", {"licence": "CC0"}, seed=1)
+    out2 = tmp_path / "out2"
+    assert bench.main(["--data", str(tmp_path / "plain"), "--compare-data", str(tmp_path / "plain"),
+                       "--compare-bundle", str(other), "--compare-label", "b1", "--bids", str(bids), "--bundle",
+                       str(bundle), "--targets", "age", "--features", "voxels", "y_sem", "--n-splits", "3",
+                       "--n-boot", "50", "--threads", "1", "--out", str(out2)]) == 0
+    res = json.loads((out2 / "probe_ceiling.json").read_text())
+    from ldae_bids.model.bundle import load_bundle
+
+    assert res["compare"]["bundle"]["content_hash"] == load_bundle(other).content_hash != res["bundle"]["content_hash"]
+    feats = res["features"]
+    assert feats["voxels:b1"]["targets"]["age"]["minus_base"]["value"] == 0
+    assert feats["y_sem:b1"]["targets"]["age"]["value"] != feats["y_sem"]["targets"]["age"]["value"]
+    assert "encoded by bundle" in (out2 / "probe_ceiling.md").read_text()

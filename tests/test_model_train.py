@@ -246,6 +246,33 @@ def test_init_from_other_preset_is_refused(synth, tmp_path):
     assert not (tmp_path / "x" / "split.json").exists()
 
 
+def test_init_from_other_intensity_needs_adapt_intensity(synth, tmp_path):
+    """A bundle trained without N4 is refused for an N4 run unless --adapt-intensity says so; the adapted bundle
+    records the new spec (which the preprocess stage then applies) and, under init_from, the old one."""
+    from ldae_bids.cli.train import app
+    from ldae_bids.model.bundle import load_bundle
+
+    first = tmp_path / "first"
+    common = ["--preset", "tiny", "--threads", "1", "--val-every", "100"]
+    run_cli([str(synth), "-o", str(first), *common, "--ae-steps", "1", "--ae-full-volume-steps", "1",
+             "--ldae-steps", "1"])
+    adapt = [str(synth), *common, "--ae-steps", "0", "--ae-patch-size", "0", "--ldae-steps", "1",
+             "--init-from", str(first / "bundle"), "--bias-correction", "n4"]
+    refused = CliRunner().invoke(app, [*adapt, "-o", str(tmp_path / "x")])
+    assert refused.exit_code != 0
+    assert "bias correction None" in refused.output and "--adapt-intensity" in refused.output
+    assert not (tmp_path / "x" / "split.json").exists()
+    lone = CliRunner().invoke(app, [str(synth), "-o", str(tmp_path / "y"), *common, "--adapt-intensity"])
+    assert lone.exit_code == 64 and "--adapt-intensity needs --init-from" in lone.output
+
+    run_cli([*adapt, "-o", str(tmp_path / "second"), "--adapt-intensity"])
+    new = load_bundle(tmp_path / "second" / "bundle")
+    assert new.metadata["intensity"]["bias_correction"] == "n4"
+    record = new.metadata["training"]["init_from"]
+    assert record["intensity"]["bias_correction"] is None
+    assert record["content_hash"] == load_bundle(first / "bundle").content_hash
+
+
 def test_time_budget_end_checkpoints_the_autoencoder_that_stage_2_sees(synth, tmp_path):
     """A stage-1 time budget that ends training between checkpoints must still checkpoint: the cached
     latents (stage 2's data) and the exported bundle have to come from the same autoencoder weights."""

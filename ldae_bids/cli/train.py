@@ -85,6 +85,10 @@ def train(
     init_from: Annotated[Optional[Path], typer.Option(
         help="Start from this bundle's weights (fine-tuning, e.g. the shipped default on your data). Same "
              "preset and intensity spec required; its training subjects stay out of validation.")] = None,
+    adapt_intensity: Annotated[bool, typer.Option(
+        "--adapt-intensity", help="With --init-from: accept a bundle trained on other intensities (e.g. without "
+        "N4, for a run with --bias-correction n4) and fine-tune it to these; the new bundle records the new spec "
+        "and, under training.init_from, the old one.")] = False,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (default: CUDA if present).")] = None,
     threads: Annotated[Optional[str], typer.Option(
         help="CPU threads for torch: a number, or 'auto' (follow the cores other processes leave free).")] = None,
@@ -146,6 +150,8 @@ def train(
             raise UsageError("--decoder-batch-size must be at least 1")
         if decoder_ssim_weight is not None and decoder_ssim_weight < 0:
             raise UsageError("--decoder-ssim-weight must be 0 or more")
+        if adapt_intensity and init_from is None:
+            raise UsageError("--adapt-intensity needs --init-from")
         if val_fraction is not None and not 0 <= val_fraction < 1:
             raise UsageError("--val-fraction must be in [0, 1)")
         model_cfg, train_cfg = get_preset(preset)
@@ -155,7 +161,8 @@ def train(
             bundle=bundle, bundle_name=bundle_name, device=device, auto_threads=threads == "auto",
             precision=precision, normalisation=normalisation,
             bias_correction=None if bias_correction == "none" else bias_correction,
-            dataset_description=data_description, licence=licence, init_from=init_from)
+            dataset_description=data_description, licence=licence, init_from=init_from,
+            adapt_intensity=adapt_intensity)
         if export_only and (output / "settings.json").exists():
             # the run's own settings (data description, licence...), only the target may change; the folder is
             # the one given (settings.json records where the run was made: it may have been moved or copied)

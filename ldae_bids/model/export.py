@@ -125,13 +125,15 @@ def _init_record(path, model_cfg) -> dict | None:
     from ldae_bids.model.config import ModelConfig
     from ldae_bids.model.train import carried_networks
 
-    meta = _read_json(Path(path) / "metadata.json").get("training", {})
+    metadata = _read_json(Path(path) / "metadata.json")
+    meta = metadata.get("training", {})
     config = _read_json(Path(path) / "config.json")
     theirs = ModelConfig.from_dict({k: v for k, v in config.items() if k not in ("format", "format_version", "name")})
     carried = carried_networks(theirs, model_cfg)
     return {"name": config.get("name", Path(path).name), "content_hash": verify_bundle(Path(path)),
             "ae_steps": meta.get("ae_steps"), "ldae_steps": meta.get("ldae_steps"),
-            "decoder_steps": meta.get("decoder_steps", 0), "init_from": meta.get("init_from"), "carried": carried}
+            "decoder_steps": meta.get("decoder_steps", 0), "init_from": meta.get("init_from"), "carried": carried,
+            "intensity": metadata.get("intensity")}
 
 
 def _version(dist_name: str) -> str:

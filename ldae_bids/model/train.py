@@ -56,6 +56,7 @@ class TrainSettings:
     dataset_description: str = ""
     licence: str = "CC-BY-SA-3.0"
     init_from: Path | None = None
+    adapt_intensity: bool = False
     extra_metadata: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -132,6 +133,7 @@ def load_settings(output: Path) -> TrainSettings:
         normalisation=d.get("normalisation", "percentile"), bias_correction=d.get("bias_correction"),
         dataset_description=d.get("dataset_description", ""), licence=d.get("licence", "CC-BY-SA-3.0"),
         init_from=Path(d["init_from"]) if d.get("init_from") else None,
+        adapt_intensity=bool(d.get("adapt_intensity", False)),
         extra_metadata=d.get("extra_metadata", {}),
     )
 
@@ -168,8 +170,14 @@ def load_init(settings: TrainSettings):
     intensity = mb.metadata.get("intensity", {})
     if intensity.get("normalisation", settings.normalisation) != settings.normalisation or \
             intensity.get("bias_correction") != settings.bias_correction:
-        raise InputError(f"{settings.init_from}: bundle was trained on {intensity}, this run says normalisation "
-                         f"{settings.normalisation!r}, bias correction {settings.bias_correction!r}")
+        theirs_text = (f"normalisation {intensity.get('normalisation', settings.normalisation)!r}, "
+                       f"bias correction {intensity.get('bias_correction')!r}")
+        ours_text = f"normalisation {settings.normalisation!r}, bias correction {settings.bias_correction!r}"
+        if not settings.adapt_intensity:
+            raise InputError(f"{settings.init_from}: bundle was trained on {theirs_text}, this run says {ours_text} "
+                             "(--adapt-intensity fine-tunes it to the new intensities)")
+        log.warning("--init-from %s: the bundle was trained on %s; adapting it to %s (the new bundle records "
+                    "the new intensity spec)", settings.init_from, theirs_text, ours_text)
     return mb
 
 
