@@ -62,8 +62,8 @@ def run(args) -> dict:
 
     from ldae_bids.preprocessing import brain as bet
     from ldae_bids.preprocessing.pipeline import load_template
-    from ldae_bids.preprocessing.register import (DEFAULT_STARTS, alignment_qc, initial_transform, mask_centre_world,
-                                                  register_batch)
+    from ldae_bids.preprocessing.register import (DEFAULT_STARTS, START_KEEP_STEP, alignment_qc, initial_transform,
+                                                  mask_centre_world, register_batch)
 
     torch.set_num_threads(args.threads)
     dev = torch.device("cpu")
@@ -81,7 +81,7 @@ def run(args) -> dict:
             extra = DEFAULT_STARTS if args.starts == "default" else ()
             t0 = time.perf_counter()
             found = register_batch([data] * len(affines), [mask] * len(affines), list(affines.values()), tpl, dev,
-                                   starts=extra)
+                                   starts=extra, keep_step=START_KEEP_STEP if args.keep_step is None else args.keep_step)
             secs = time.perf_counter() - t0
             rows = {name: alignment_qc(data, mask, a, m, tpl, dev) for (name, a), m in zip(affines.items(), found)}
         else:
@@ -102,6 +102,8 @@ def run(args) -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M"), "axes": args.axes, "degrees": args.degrees,
             "tilt_input": args.tilt_input, "starts": args.starts if args.tilt_input else "rotated (this benchmark's)",
             "extra_starts": [list(s) for s in DEFAULT_STARTS] if args.tilt_input and args.starts == "default" else [],
+            "keep_step": (START_KEEP_STEP if args.keep_step is None else args.keep_step)
+            if args.tilt_input and args.starts == "default" else None,
             "subjects": subjects}
 
 
@@ -111,7 +113,9 @@ def markdown(rep: dict) -> str:
              "Per subject: NCC to the template inside its brain mask / Dice of the warped brain mask with the "
              "template's, after the preprocess stage's registration of the head as scanned (`usual`) and turned by "
              "each angle about its brain's centre; extra coarse-level starts: "
-             + (", ".join(f"axis {a} {d:+g} degrees" for a, d in rep["extra_starts"]) or "none") + ".", ""]
+             + (", ".join(f"axis {a} {d:+g} degrees" for a, d in rep["extra_starts"]) or "none")
+             + (f" (each subject keeps its best start after coarse-level step {rep['keep_step']})"
+                if rep.get("keep_step") is not None else "") + ".", ""]
     else:
         L = ["# Registration from rotated starts", "", f"Date: {rep['date']}. Command: `{rep['command']}`", "",
              "Per subject: NCC to the template inside its brain mask / Dice of the warped brain mask with the "
@@ -140,6 +144,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tilt-input", action="store_true", help="turn the input head instead of the start")
     ap.add_argument("--starts", choices=["default", "none"], default="default",
                     help="with --tilt-input: the registration's extra coarse-level starts, or none")
+    ap.add_argument("--keep-step", type=int, default=None,
+                    help="with --starts default: the coarse-level step after which each subject keeps its best start "
+                    "(default: the preprocess stage's, register.START_KEEP_STEP; 100 = the level's end)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = ap.parse_args(argv)

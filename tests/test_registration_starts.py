@@ -50,11 +50,15 @@ def test_missing_data_folder_skips(tmp_path, capsys):
 
 
 def test_tilted_input_mode(ixi, tmp_path):
+    from ldae_bids.preprocessing.register import START_KEEP_STEP
+
     bench = _bench()
     assert bench.main(["--bids", str(ixi), "--participant-label", "IXI013", "--tilt-input", "--degrees", "10",
                        "--axes", "roll", "--threads", "2", "--out", str(tmp_path)]) == 0
     rep = json.loads((tmp_path / "registration_tilt.json").read_text())
     rows = rep["subjects"][0]["starts"]
     assert rep["tilt_input"] and rep["extra_starts"] and list(rows) == ["usual", "roll +10"]
+    assert rep["keep_step"] == START_KEEP_STEP  # the preprocess stage's, unless --keep-step says
     assert rows["roll +10"]["ncc_to_template"] == pytest.approx(rows["usual"]["ncc_to_template"], abs=0.003)
-    assert "worst: NCC below usual" in (tmp_path / "registration_tilt.md").read_text()
+    text = (tmp_path / "registration_tilt.md").read_text()
+    assert "worst: NCC below usual" in text and f"best start after coarse-level step {START_KEEP_STEP}" in text

@@ -18,7 +18,8 @@ from .bias import correct_bias
 from .grid import Grid
 from .io import load_t1w, validate_t1w
 from .normalise import normalise
-from .register import DEFAULT_LEVELS, DEFAULT_STARTS, START_MARGIN, TemplateBrain, alignment_qc, register_batch
+from .register import (DEFAULT_LEVELS, DEFAULT_STARTS, START_KEEP_STEP, START_MARGIN, TemplateBrain, alignment_qc,
+                       register_batch)
 from .spatial import pull, resolve_device, voxel_world
 
 MIN_BRAIN_ML = 300.0  # a brain mask smaller than this is a failed extraction
@@ -145,6 +146,7 @@ def _params(grid: Grid, norm_info: dict, template: TemplateBrain, levels, bias, 
             "levels_factor_steps_lr": [list(level) for level in levels],
             "extra_starts_axis_degrees": [list(start) for start in DEFAULT_STARTS],
             "start_margin_ncc": START_MARGIN,
+            "best_start_kept_after_step": START_KEEP_STEP,
             "fixed": f"tpl-{template.name}_res-{template.resolution:02d} T1w x desc-brain_mask",
         },
         "resampling": "one trilinear interpolation native -> grid (composed affine), mask > 0.5",

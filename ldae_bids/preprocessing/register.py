@@ -6,8 +6,8 @@ inverse. Initialisation matches the brain masks' centres of mass and volumes (is
 scale); then Adam maximises the global normalised cross-correlation (NCC) between the
 warped brain and the template brain over the (dilated) template brain mask, coarse to
 fine (6, 4, 2 mm), sampling the warped brain at the mask's points only. The coarsest
-level also runs from that start pitched by -25 and +25 degrees, and each subject goes
-on from its best start (tilted heads). All subjects of a batch are optimised together
+level also runs from that start pitched by -25 and +25 degrees, and after its first
+``START_KEEP_STEP`` steps each subject goes on from its best start alone (tilted heads). All subjects of a batch are optimised together
 (independent parameters, one ``grid_sample`` per step), on GPU when there.
 """
 
@@ -32,6 +32,9 @@ TRANSLATION_UNIT_MM = 10.0  # translation parameters are in cm for conditioning
 # runs from each start and every subject goes on from its best one (benchmarks/results/registration_tilt.md).
 DEFAULT_STARTS = ((0, -25.0), (0, 25.0))
 START_MARGIN = 0.01  # NCC by which another start must beat the usual one at the coarse level to be taken
+# Coarse-level step after which each subject keeps its best start only (the level's other steps run from that one):
+# the starts' ranking is settled by then (benchmarks/results/registration_tilt.md), and the rest costs a third.
+START_KEEP_STEP = 30
 
 
 def rotation_about(axis: int, degrees: float, centre) -> np.ndarray:
@@ -120,6 +123,7 @@ def register_batch(
     levels=DEFAULT_LEVELS,
     init: list[np.ndarray] | None = None,
     starts=DEFAULT_STARTS,
+    keep_step: int = START_KEEP_STEP,
 ) -> list[np.ndarray]:
     """Affine registration of several native brains to the template brain at once.
 
@@ -141,8 +145,10 @@ def register_batch(
         Starting template-to-native mappings (default: :func:`initial_transform`).
     starts : sequence of (axis, degrees)
         Extra starts for the coarsest level: ``init`` rotated about the template brain's centre. Each subject
-        goes on from the start with the highest NCC at the end of that level (another start than ``init`` only
-        when it is better by :data:`START_MARGIN`). Empty: ``init`` only.
+        goes on from the start with the highest NCC after :data:`START_KEEP_STEP` steps of that level (another
+        start than ``init`` only when it is better by :data:`START_MARGIN`). Empty: ``init`` only.
+    keep_step : int
+        That step (at most the level's steps: then at its end).
 
     Returns
     -------
@@ -209,24 +215,31 @@ def register_batch(
         inv_t = torch.as_tensor(np.stack([inv_affs[n] for n in subject_of]), dtype=torch.float32, device=device)
         opt = torch.optim.Adam([d_lin, d_trans], lr=lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1), eta_min=0.05 * lr)
-        for _ in range(steps):
+        choose_at = min(keep_step, steps) if level == 0 and len(turns) > 1 else -1
+        for step in range(steps + 1):
+            if step == choose_at:  # every subject goes on from its best start
+                with torch.no_grad():
+                    ncc = _ncc(fixed_pts, pull(moving, pts, inv_t @ current()).reshape(len(subject_of), -1))
+                ncc = ncc.reshape(b, len(turns)).cpu()
+                best = ncc.argmax(dim=1)
+                best = torch.where(ncc.max(dim=1).values > ncc[:, 0] + START_MARGIN, best, torch.zeros_like(best))
+                keep = (torch.arange(b) * len(turns) + best).to(device)
+                init_t, moving, inv_t = init_t[keep], moving[keep], inv_t[keep]
+                kept = [p.detach()[keep].clone().requires_grad_(True) for p in (d_lin, d_trans)]
+                for old, new in zip((d_lin, d_trans), kept):  # the same optimiser (and schedule), its state cut
+                    state = opt.state.pop(old, {})
+                    opt.state[new] = {k: v[keep] if k.startswith("exp_avg") else v for k, v in state.items()}
+                opt.param_groups[0]["params"] = kept
+                d_lin, d_trans = kept
+                subject_of = list(range(b))
+            if step == steps:
+                break
             opt.zero_grad(set_to_none=True)
             warped = pull(moving, pts, inv_t @ current()).reshape(len(subject_of), -1)
             loss = (1.0 - _ncc(fixed_pts, warped)).sum()
             loss.backward()
             opt.step()
             sched.step()
-        if level == 0 and len(turns) > 1:  # every subject goes on from its best start
-            with torch.no_grad():
-                ncc = _ncc(fixed_pts, pull(moving, pts, inv_t @ current()).reshape(len(subject_of), -1))
-            ncc = ncc.reshape(b, len(turns)).cpu()
-            best = ncc.argmax(dim=1)
-            best = torch.where(ncc.max(dim=1).values > ncc[:, 0] + START_MARGIN, best, torch.zeros_like(best))
-            keep = (torch.arange(b) * len(turns) + best).to(device)
-            init_t = init_t[keep]
-            d_lin = d_lin.detach()[keep].clone().requires_grad_(True)
-            d_trans = d_trans.detach()[keep].clone().requires_grad_(True)
-            subject_of = list(range(b))
     with torch.no_grad():
         out = current().double().cpu().numpy()
     return [out[n] for n in range(b)]

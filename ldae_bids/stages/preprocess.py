@@ -15,7 +15,8 @@ from ldae_bids.plugins.api import Level, Stage, StageContext
 class PreprocessStage(Stage):
     name = "preprocess"
     level = Level.PARTICIPANT
-    version = "2"  # 2: registration also starts its coarse level from pitched starts (tilted heads; register.py)
+    version = "3"  # 2: registration also starts its coarse level from pitched starts (tilted heads; register.py);
+    # 3: each subject keeps its best start after 30 of the coarse level's 100 steps (register.START_KEEP_STEP)
     description = "deepbet brain extraction, affine registration to MNI152NLin2009cAsym, resampling, normalisation"
     options = {}  # no --stage-option: any given is refused
     batchable = True
