@@ -6,7 +6,8 @@ inputs are treated like the model's training data; the shipped compact model was
 without N4. ``benchmarks/bench_preprocess.py --n4-study N`` measures what N4 changes on
 the IXI data: on 16 subjects (benchmarks/results/n4_study.json) it halves the white-matter
 intensity CV (median 0.149 -> 0.078) and raises the NCC to the template (0.462 -> 0.558) in every
-subject, for about 5 s per subject on 2 CPU cores; the next trained model should use it.
+subject, for about 5 s per subject on 2 CPU cores. A stage 2 adapted to N4 images on the CPU did not read age
+better from them and lost sex (docs/model.md, run 9), so the shipped model stays uncorrected.
 Without SimpleITK, a request for N4 falls back to no correction with a warning, and the
 sidecar parameters say so.
 """
